@@ -1,0 +1,132 @@
+"""Training throughput of llama3 debugmodel: our trainer vs a plain transformers loop.
+
+Both train the same model size (same dim, layers, heads, kv heads, FFN width, vocab) on the same
+batch and sequence length, fp32 on this CPU, one process. The two are measured in alternating
+rounds within one run (this machine's speed drifts by 15-20% between runs), and the report is
+their ratio, plus our MFU against the fp32 matmul rate measured in the same run.
+
+    nox -s bench                       # or: python bench/bench_train.py --rounds 3 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from titan_core.config import build_config
+from titan_core.metrics import measure_matmul_flops
+from titan_core.trainer import Trainer
+
+
+def build_ours(seq_len: int, batch: int, dump: str) -> Trainer:
+    config = build_config(
+        [
+            "--job.dump_folder",
+            dump,
+            "--training.seq_len",
+            str(seq_len),
+            "--training.local_batch_size",
+            str(batch),
+            "--training.steps",
+            "1000",
+            "--metrics.no_enable_tensorboard",
+        ]
+    )
+    return Trainer(config)
+
+
+def build_hf(trainer: Trainer):
+    """The same architecture as transformers.LlamaForCausalLM, trained with torch's AdamW."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = trainer.model_args
+    hidden = trainer.model.layers["0"].feed_forward.w1.out_features
+    config = LlamaConfig(
+        vocab_size=a.vocab_size,
+        hidden_size=a.dim,
+        intermediate_size=hidden,
+        num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads,
+        rms_norm_eps=a.norm_eps,
+        max_position_embeddings=a.max_seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    n_ours = sum(p.numel() for p in trainer.model.parameters())
+    n_hf = sum(p.numel() for p in model.parameters())
+    assert n_ours == n_hf, f"model sizes differ: ours {n_ours}, transformers {n_hf}"
+    cfg = trainer.config.optimizer
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+    )
+    return model, optimizer
+
+
+def hf_step(model, optimizer, batch) -> float:
+    loss = 0.0
+    for inputs, labels in batch:
+        logits = model(input_ids=inputs).logits
+        micro = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / len(batch)
+        micro.backward()
+        loss += micro.item()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def timed(fn, steps: int, tokens_per_step: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return steps * tokens_per_step / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as dump:
+        trainer = build_ours(args.seq_len, args.batch, dump)
+        model, optimizer = build_hf(trainer)
+        batches = [trainer.loader.next_batch() for _ in range(4)]
+        tokens = args.seq_len * args.batch
+        ours_fn = lambda: trainer.train_step(trainer.loader.next_batch())  # noqa: E731
+        hf_fn = lambda: hf_step(model, optimizer, batches[0])  # noqa: E731
+        for fn in (ours_fn, hf_fn):  # warm-up: allocator, first-call costs
+            fn(), fn()
+        ours, theirs, rates = [], [], []
+        for _ in range(args.rounds):
+            rates.append(measure_matmul_flops(torch.device("cpu")))
+            ours.append(timed(ours_fn, args.steps, tokens))
+            theirs.append(timed(hf_fn, args.steps, tokens))
+        tps_ours, tps_hf = statistics.median(ours), statistics.median(theirs)
+        rate = statistics.median(rates)
+        mfu = trainer.flops_per_token * tps_ours / rate
+        print(f"threads {torch.get_num_threads()}, seq_len {args.seq_len}, batch {args.batch}")
+        print(f"titan trainer        : {tps_ours:9,.0f} tokens/s  (rounds: {_fmt(ours)})")
+        print(f"transformers + AdamW : {tps_hf:9,.0f} tokens/s  (rounds: {_fmt(theirs)})")
+        print(f"ratio titan / transformers: {tps_ours / tps_hf:.2f}x (goal >= 1.5x)")
+        print(
+            f"MFU vs measured fp32 matmul rate ({rate / 1e9:.0f} GFLOP/s): {mfu:.1%} (goal >= 60%)"
+        )
+
+
+def _fmt(values: list[float]) -> str:
+    return ", ".join(f"{v:,.0f}" for v in values)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""One entry point for every check: ``nox -s tests``, ``lint``, ``bench``.
+
+Sessions reuse the current interpreter's environment (``python=False``) by default: CI installs
+the packages once (see .ci/run) and a 2-core machine has no time to build a venv per session.
+Set ``TITAN_NOX_VENV=1`` for an isolated virtualenv per session instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+VENV = os.environ.get("TITAN_NOX_VENV") == "1"
+PACKAGES = ["-e", "packages/titan-core", "-e", "packages/titan-llama3"]
+
+
+TEST_DEPS = ["pytest", "transformers", "safetensors"]
+
+
+def _install(session: nox.Session) -> None:
+    """Install our packages (editable) and the test dependencies into the session's Python."""
+    if VENV:
+        session.install("torch>=2.11", *TEST_DEPS)
+        session.install(*PACKAGES)
+    else:
+        session.run("python", "-m", "pip", "install", "-q", *TEST_DEPS, *PACKAGES)
+
+
+@nox.session(python=None if VENV else False)
+def tests(session: nox.Session) -> None:
+    """The whole test suite on CPU (unit, training, distributed with gloo)."""
+    _install(session)
+    session.run("python", "-m", "pytest", *(session.posargs or ["tests"]))
+
+
+@nox.session(python=None if VENV else False)
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    if VENV:
+        session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=None if VENV else False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks (not tests): prints ratios against references measured in the same run."""
+    _install(session)
+    session.run("python", "bench/bench_train.py", *session.posargs)

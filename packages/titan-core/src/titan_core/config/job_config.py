@@ -1,0 +1,167 @@
+"""The job configuration: one typed dataclass per TOML section.
+
+Section and key names follow torchtitan (v0.2) so that its users' TOML files carry over. Every
+field carries its meaning in ``metadata["help"]``; ``titan-train --help`` prints them and
+``docs/configuration.md`` is generated from the same text. The defaults describe the embedded
+default run: llama3 ``debugmodel`` on the embedded corpus, about a minute on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with a default and a one-sentence meaning."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Job:
+    config_file: str = opt("", "TOML file to read before the command-line overrides.")
+    dump_folder: str = opt(
+        "./outputs", "Folder for config.toml, metrics.jsonl, tb/ and checkpoints."
+    )
+    description: str = opt("titan debug run", "Free text describing the run, saved with it.")
+
+
+@dataclass
+class Model:
+    name: str = opt("llama3", "Model family, as registered by an installed package (titan.models).")
+    flavor: str = opt("debugmodel", "Named size of the model family (see its flavors).")
+    hf_assets_path: str = opt(
+        "", "Folder with tokenizer.json (and tokenizer_config.json); empty: the embedded tokenizer."
+    )
+    converters: list[str] = opt(
+        [], "Model converters applied before parallelism (none available yet)."
+    )
+
+
+@dataclass
+class Optimizer:
+    name: str = opt("AdamW", "Optimizer: AdamW or Adam.")
+    lr: float = opt(8e-4, "Peak learning rate, reached at the end of warmup.")
+    beta1: float = opt(0.9, "Adam beta1.")
+    beta2: float = opt(0.95, "Adam beta2.")
+    eps: float = opt(1e-8, "Adam epsilon.")
+    weight_decay: float = opt(0.1, "Decoupled weight decay.")
+    implementation: Literal["fused", "foreach", "for-loop"] = opt(
+        "fused", "Kernel style: fused, foreach or for-loop (all give the same update)."
+    )
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = opt(10, "Steps of linear warmup from lr/warmup_steps to lr.")
+    decay_ratio: float | None = opt(
+        None, "Fraction of the post-warmup steps spent decaying (at the end); unset: all of them."
+    )
+    decay_type: Literal["linear", "cosine", "sqrt"] = opt("linear", "Shape of the decay.")
+    min_lr_factor: float = opt(0.0, "Learning rate at the end of decay, as a fraction of lr.")
+
+
+@dataclass
+class Training:
+    dataset: str = opt(
+        "embedded",
+        "Data: 'embedded' (offline default), or a hub dataset such as c4 or fineweb (streaming).",
+    )
+    dataset_path: str = opt("", "Local .jsonl/.parquet/.txt file or folder; overrides dataset.")
+    local_batch_size: int = opt(8, "Sequences per data-parallel rank per microstep.")
+    global_batch_size: int = opt(
+        -1, "Sequences per optimizer step over all ranks; -1: local_batch_size x dp degree."
+    )
+    seq_len: int = opt(256, "Tokens per sequence.")
+    max_norm: float = opt(1.0, "Gradient-norm clipping threshold (total norm); 0 disables.")
+    steps: int = opt(100, "Optimizer steps to train.")
+    mixed_precision_param: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "Parameter/compute dtype: auto is bfloat16 on GPU and float32 on CPU."
+    )
+    mixed_precision_reduce: Literal["float32", "bfloat16"] = opt(
+        "float32", "Dtype of the gradient reduction across data-parallel ranks."
+    )
+    seed: int = opt(0, "Seed for weight init and data order; the same seed gives the same run.")
+    deterministic: bool = opt(False, "Use deterministic algorithms (slower, bit-reproducible).")
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = opt(1, "Replicas in HSDP (plain DDP-style replication).")
+    data_parallel_shard_degree: int = opt(-1, "FSDP shard degree; -1: all remaining ranks.")
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = opt(
+        "default", "Free gathered parameters after forward: always, never, default (not the last)."
+    )
+    tensor_parallel_degree: int = opt(1, "Tensor-parallel degree (only 1 in this release).")
+    disable_loss_parallel: bool = opt(False, "Gather the vocab-sharded logits before the loss.")
+    enable_async_tensor_parallel: bool = opt(False, "Async TP (CUDA with compile only).")
+    pipeline_parallel_degree: int = opt(1, "Pipeline-parallel degree (only 1 in this release).")
+    pipeline_parallel_schedule: str = opt("1F1B", "Pipeline schedule name.")
+    pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline microbatch.")
+    pipeline_parallel_layers_per_stage: int | None = opt(None, "Transformer blocks per stage.")
+    context_parallel_degree: int = opt(1, "Context-parallel degree (only 1 in this release).")
+    context_parallel_rotate_method: Literal["allgather", "alltoall"] = opt(
+        "allgather", "How context-parallel ranks exchange keys and values."
+    )
+    expert_parallel_degree: int = opt(
+        1, "Expert-parallel degree, MoE models (only 1 in this release)."
+    )
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = opt(False, "Save DCP checkpoints (not available yet: refused if set).")
+    folder: str = opt("checkpoint", "Checkpoint folder inside job.dump_folder.")
+    interval: int = opt(500, "Steps between checkpoints.")
+    keep_latest_k: int = opt(10, "Checkpoints to keep; 0 keeps all.")
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: Literal["none", "full", "selective"] = opt(
+        "none", "Activation checkpointing mode (not available yet: only none is accepted)."
+    )
+    selective_ac_option: str = opt("2", "Selective AC: an integer N (every N-th block) or 'op'.")
+
+
+@dataclass
+class Compile:
+    enable: bool = opt(
+        False, "torch.compile each block and the loss (not available yet: refused if set)."
+    )
+    components: list[str] = opt(["model", "loss"], "What to compile: model, loss.")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = opt(10, "Log every N steps (and the first and last step).")
+    enable_tensorboard: bool = opt(True, "Write TensorBoard events to <dump_folder>/tb/.")
+    enable_wandb: bool = opt(False, "Log to Weights & Biases (needs wandb installed).")
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = opt(300, "Timeout for process-group creation and first steps.")
+    train_timeout_seconds: int = opt(300, "Timeout of each collective after the first step.")
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    metrics: Metrics = field(default_factory=Metrics)
+    comm: Comm = field(default_factory=Comm)
+
+
+def sections() -> dict[str, type]:
+    """Section name -> section dataclass, in declaration order."""
+    return {f.name: f.default_factory for f in fields(JobConfig)}  # type: ignore[misc]

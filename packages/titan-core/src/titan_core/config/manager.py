@@ -1,0 +1,264 @@
+"""Reading the job config: defaults, then a TOML file, then ``--section.key value`` flags.
+
+Every value is checked against the field's type as it is read, so a wrong type or an unknown key
+is reported with the key's name before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from titan_core.config.job_config import JobConfig, sections
+from titan_core.errors import UserError
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _closest(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _lookup(section: str, key: str, where: str) -> tuple[type, Any]:
+    """The dataclass and the type of ``section.key``, or a UserError naming ``where``."""
+    all_sections = sections()
+    if section not in all_sections:
+        names = list(all_sections)
+        raise UserError(
+            f"{where}: unknown section '{section}'{_closest(section, names)}; "
+            f"sections are {', '.join(names)}"
+        )
+    hints = _field_types(all_sections[section])
+    if key not in hints:
+        raise UserError(
+            f"{where}: unknown key '{section}.{key}'{_closest(key, list(hints))}; "
+            f"run titan-train --help for the keys of [{section}]"
+        )
+    return all_sections[section], hints[key]
+
+
+def describe_type(tp: Any) -> str:
+    """A short human name for a field type, as shown by --help and in errors."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{describe_type(inner[0])} (optional)"
+    if origin is list:
+        return f"comma-separated list of {describe_type(typing.get_args(tp)[0])}"
+    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
+
+
+def convert(value: Any, tp: Any, where: str, from_cli: bool = False) -> Any:
+    """Check a TOML value, or convert a command-line string, to the field type ``tp``."""
+    origin = typing.get_origin(tp)
+    bad = UserError(f"{where}: expected {describe_type(tp)}, got {value!r}")
+    if origin in (types.UnionType, typing.Union):
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
+        if value is None or (from_cli and value.lower() in ("none", "")):
+            return None
+        return convert(value, inner, where, from_cli)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise bad
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if from_cli:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise bad
+        return [convert(v, item, where, from_cli) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise bad
+    if tp is int:
+        if from_cli:
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if from_cli:
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"config type {tp} of {where} is not supported")
+
+
+def _set(config: JobConfig, section: str, key: str, raw: Any, where: str, from_cli: bool) -> None:
+    _, tp = _lookup(section, key, where)
+    setattr(getattr(config, section), key, convert(raw, tp, where, from_cli))
+
+
+def load_toml(config: JobConfig, path: str) -> None:
+    """Apply a TOML file's values onto ``config``."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(
+            f"job.config_file: {path} does not exist or is not a file; pass the path of a TOML file"
+        )
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
+        raise UserError(f"job.config_file: {path} is not valid TOML ({e})") from None
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise UserError(
+                f"{path}: top-level key '{section}' must be a [section] table; "
+                f"write it as [{section}] followed by its keys"
+            )
+        for key, value in values.items():
+            _set(config, section, key, value, f"{path}: [{section}] {key}", from_cli=False)
+
+
+def _is_bool_field(section: str, key: str) -> bool:
+    try:
+        _, tp = _lookup(section, key, "")
+    except UserError:
+        return False
+    return tp is bool
+
+
+def parse_cli(argv: list[str]) -> list[tuple[str, str, str]]:
+    """Split ``--section.key value`` flags into (section, key, raw value) triples."""
+    out: list[tuple[str, str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise UserError(
+                f"argument {arg!r}: expected --section.key VALUE (e.g. --training.steps 10); "
+                "run titan-train --help for the list"
+            )
+        name, eq, value = arg[2:].partition("=")
+        section, _, key = name.partition(".")
+        if key.startswith("no_") and _is_bool_field(section, key[3:]) and not eq:
+            out.append((section, key[3:], "false"))
+            i += 1
+            continue
+        _lookup(section, key, f"--{name}")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if _is_bool_field(section, key) and (nxt is None or nxt.lower() not in _TRUE | _FALSE):
+                value = "true"  # a bare boolean flag
+            elif nxt is None:
+                raise UserError(f"--{name}: missing a value; write --{name} VALUE")
+            else:
+                value = nxt
+                i += 1
+        out.append((section, key, value))
+        i += 1
+    return out
+
+
+def build_config(argv: list[str] | None = None) -> JobConfig:
+    """Defaults, then ``--job.config_file``'s TOML, then the other flags (CLI wins)."""
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = parse_cli(argv)
+    config = JobConfig()
+    for section, key, value in overrides:
+        if (section, key) == ("job", "config_file"):
+            config.job.config_file = value
+    if config.job.config_file:
+        load_toml(config, config.job.config_file)
+    for section, key, value in overrides:
+        _set(config, section, key, value, f"--{section}.{key}", from_cli=True)
+    return config
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def to_toml(config: Any) -> str:
+    """The config as TOML text that ``load_toml`` reads back to an equal config.
+
+    Unset optional keys (None) are left out: TOML has no null and the default is None.
+    """
+    lines: list[str] = []
+    for sec in fields(config):
+        section = getattr(config, sec.name)
+        assert is_dataclass(section)
+        lines.append(f"[{sec.name}]")
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if value is not None:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def help_text() -> str:
+    """Every section and key with its type, default and meaning."""
+    out = [
+        "usage: titan-train [--job.config_file FILE.toml] [--section.key VALUE ...]",
+        "       torchrun --nproc-per-node N -m titan_core.train [same flags]",
+        "",
+        "Precedence: command line > TOML file > defaults. Booleans are bare flags",
+        "(--checkpoint.enable); --section.no_key or --section.key false turns one off.",
+        "Lists are comma-separated (--compile.components model,loss). Other flags:",
+        "  --list-models     list the installed model families and their flavors",
+        "",
+    ]
+    for name, cls in sections().items():
+        out.append(f"[{name}]")
+        hints = _field_types(cls)
+        for f in fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+            out.append(
+                f"  --{name}.{f.name}  ({describe_type(hints[f.name])}, default {default!r})"
+            )
+            out.append(f"      {f.metadata['help']}")
+        out.append("")
+    return "\n".join(out)
+
+
+def markdown_reference() -> str:
+    """Every section and key as Markdown tables (the body of docs/configuration.md)."""
+    out = []
+    for name, cls in sections().items():
+        hints = _field_types(cls)
+        out += [f"### `[{name}]`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+            shown = "unset" if default is None else f"`{_toml_value(default)}`"
+            kind = describe_type(hints[f.name]).replace("|", "\\|")
+            out.append(f"| `{f.name}` | {kind} | {shown} | {f.metadata['help']} |")
+        out.append("")
+    return "\n".join(out)

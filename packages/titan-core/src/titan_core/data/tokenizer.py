@@ -1,0 +1,148 @@
+"""Tokenizers: a thin wrapper over a Hugging Face ``tokenizer.json``.
+
+Only the fast ``tokenizers`` library is used: no ``transformers``, no remote code, no downloads.
+BOS and EOS come from ``tokenizer_config.json`` when it names them, else from the special tokens
+that common model families put in their vocabularies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tokenizers
+
+from titan_core.data.embedded import embedded_assets_dir
+from titan_core.errors import UserError
+
+_FIELD = "model.hf_assets_path"
+# Tried in order when tokenizer_config.json does not name the token (or names one not in the vocab).
+_BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<|bos|>")  # Llama 3, Llama 2 / Mistral, titan
+_EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<|eos|>")  # ..., GPT-2 / Qwen
+
+
+class Tokenizer:
+    """Text to token ids and back, with the ids of the document boundary tokens.
+
+    Attributes:
+        vocab_size: number of ids, special tokens included.
+        bos_id: id put before every document.
+        eos_id: id put after every document; equal to ``bos_id`` for families with one boundary
+            token (Qwen's ``<|endoftext|>``).
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, bos_id: int, eos_id: int) -> None:
+        """Wrap a loaded tokenizer.
+
+        Args:
+            tokenizer: a ``tokenizers.Tokenizer``.
+            bos_id: id of the beginning-of-document token.
+            eos_id: id of the end-of-document token.
+        """
+        self._tok = tokenizer
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+
+    def encode(self, text: str) -> list[int]:
+        """Return the ids of ``text``, with no BOS or EOS added.
+
+        Args:
+            text: the text to encode.
+        """
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Return the text of ``ids``.
+
+        Args:
+            ids: token ids.
+            skip_special_tokens: drop BOS, EOS and other special tokens from the text.
+        """
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+        )
+
+
+def load_tokenizer(hf_assets_path: str) -> Tokenizer:
+    """Load the tokenizer of a model folder, or the embedded one.
+
+    Args:
+        hf_assets_path: a folder holding ``tokenizer.json`` (and optionally
+            ``tokenizer_config.json``); ``""`` selects the embedded byte-level BPE tokenizer.
+
+    Raises:
+        UserError: the folder or ``tokenizer.json`` is missing or unreadable, or no EOS token
+            can be found.
+    """
+    folder = embedded_assets_dir() if hf_assets_path == "" else Path(hf_assets_path).expanduser()
+    if not folder.is_dir():
+        raise UserError(
+            f"{_FIELD}: {folder} is not a folder; pass a folder holding tokenizer.json "
+            '(e.g. a Hugging Face model download), or "" for the embedded tokenizer'
+        )
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(
+            f"{_FIELD}: {folder} has no tokenizer.json; download the model's tokenizer files "
+            "into it or point the field at the folder that holds them"
+        )
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust side raises bare Exception subclasses
+        raise UserError(
+            f"{_FIELD}: {path} could not be read as a tokenizers file "
+            f"({_first_line(err)}); re-download it from the model repository"
+        ) from err
+    bos_name, eos_name = _configured_tokens(folder)
+    eos_id = _find_token(tok, eos_name, _EOS_CANDIDATES)
+    if eos_id is None:
+        raise UserError(
+            f"{_FIELD}: no end-of-text token in {path} (looked for {eos_name or 'eos_token'} "
+            f"from tokenizer_config.json and {', '.join(_EOS_CANDIDATES)}); add "
+            '"eos_token" to tokenizer_config.json'
+        )
+    bos_id = _find_token(tok, bos_name, _BOS_CANDIDATES)
+    # NOTE: families such as Qwen have no BOS; their one boundary token serves as both.
+    return Tokenizer(tok, eos_id if bos_id is None else bos_id, eos_id)
+
+
+def _configured_tokens(folder: Path) -> tuple[str | None, str | None]:
+    """Return the (bos_token, eos_token) named by ``tokenizer_config.json``, if any."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None, None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(
+            f"{_FIELD}: {path} is not valid JSON ({_first_line(err)}); fix or delete the file"
+        ) from err
+    if not isinstance(config, dict):
+        return None, None
+    return _token_name(config.get("bos_token")), _token_name(config.get("eos_token"))
+
+
+def _token_name(value: object) -> str | None:
+    # transformers writes either "<s>" or {"content": "<s>", "lstrip": false, ...}
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _find_token(
+    tok: tokenizers.Tokenizer, configured: str | None, candidates: tuple[str, ...]
+) -> int | None:
+    for name in ((configured,) if configured else ()) + candidates:
+        token_id = tok.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

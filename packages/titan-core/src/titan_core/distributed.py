@@ -1,0 +1,56 @@
+"""Process-group setup: one process, or torchrun (gloo on CPU, NCCL on CUDA)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def runtime_from_env() -> Runtime:
+    """Rank and device from torchrun's variables (a plain process is rank 0 of 1)."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def init_process_group(runtime: Runtime, timeout_s: int) -> None:
+    """Join torchrun's group with a collective timeout, so a dead rank fails the others."""
+    if runtime.world_size == 1 or dist.is_initialized():
+        return
+    backend = "nccl" if runtime.device.type == "cuda" else "gloo"
+    kwargs = {"device_id": runtime.device} if backend == "nccl" else {}
+    dist.init_process_group(
+        backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs
+    )
+
+
+def destroy_process_group() -> None:
+    """Leave the group together: a gloo rank tearing down while a peer is still sending aborts
+    the process ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,13 @@
+"""User-facing errors.
+
+A :class:`UserError` is bad input from a person (a config key, a CLI flag, a path, a parallel
+layout). The command-line entry points print its message as one line and exit with code 2, with no
+traceback unless ``TITAN_DEBUG=1`` is set. Messages name the field or file, what was expected, what
+was found and the fix.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input that a person can fix; printed as one line, exit code 2."""

@@ -1,0 +1,419 @@
+"""Training metrics: FLOP accounting, MFU denominators, memory, and the metrics sinks.
+
+A run writes its metrics to three places (design §5): ``<dump_folder>/metrics.jsonl`` (one JSON
+object per logged step, the record of truth), TensorBoard events under ``<dump_folder>/tb/``, and
+optionally Weights & Biases. Only rank 0 logs; other ranks build a disabled
+:class:`MetricsLogger` whose methods do nothing.
+
+MFU is ``achieved model FLOP/s / peak FLOP/s``. The numerator comes from
+:func:`llama_flops_per_token` times tokens per second; the denominator from
+:func:`device_peak_flops`, which uses the vendor's dense bf16 peak for known GPUs and a measured
+matmul rate everywhere else (so CPU smoke runs still report a meaningful number).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+
+from titan_core.errors import UserError
+
+logger = logging.getLogger("titan")
+
+# Dense (no 2:4 structured sparsity) bf16 tensor-core peak per GPU, in FLOP/s, from the NVIDIA
+# datasheets. The datasheets headline the *sparse* figure; dense is half of it:
+#   H100 SXM5: 1,979 TFLOPS sparse -> 989.4e12 dense  (H100 Tensor Core GPU datasheet)
+#   H100 PCIe: 1,513 TFLOPS sparse -> 756e12 dense    (same datasheet, PCIe column)
+#   H100 NVL:  1,671 TFLOPS sparse -> 835e12 dense    (same datasheet, NVL column)
+#   H200 SXM:  1,979 TFLOPS sparse -> 989.4e12 dense  (H200 Tensor Core GPU datasheet)
+#   A100:        624 TFLOPS sparse -> 312e12 dense    (A100 Tensor Core GPU datasheet, SXM/PCIe)
+#   B200:        4.5 PFLOPS sparse -> 2.25e15 dense   (HGX B200 datasheet, per GPU)
+# Keys are matched as case-insensitive substrings of torch.cuda.get_device_name(), longest key
+# first, so "NVIDIA H100 PCIe" hits "H100 PCIe" rather than the SXM "H100" entry.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H100": 989.4e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989.4e12,
+    "A100": 312e12,
+    "B200": 2.25e15,
+}
+
+_BYTES_PER_GIB = 1024**3
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued kernels on ``device``; CPU ops are already synchronous."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def _probe_size(
+    device: torch.device, dtype: torch.dtype, size: int, limit_s: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Grow the matrix side up to ``size`` while one matmul is predicted to fit in ``limit_s``.
+
+    Sizes double from 256, so the probes together cost about as much as the last one, and a slow
+    device never runs a matmul far over the limit. The last probe is the timed loop's warm-up.
+
+    Args:
+        device: where to run.
+        dtype: matmul dtype.
+        size: the largest square side wanted.
+        limit_s: the most one matmul should take, so a slow device still finishes in budget.
+
+    Returns:
+        ``(a, b, out, seconds_spent)`` with warmed ``n x n`` buffers, ``n <= size``.
+    """
+    start = time.perf_counter()
+    # NOTE: a tiny matmul first pays one-off costs (BLAS handle creation, thread pool start-up)
+    # so they do not make the first probe look slow.
+    tiny = torch.ones(64, 64, device=device, dtype=dtype)
+    torch.mm(tiny, tiny)
+    _synchronize(device)
+    n = min(size, 256)
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        _synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _synchronize(device)
+        took = time.perf_counter() - t0
+        bigger = min(2 * n, size)
+        # Matmul time grows as n**3; small sizes run below peak, so this errs on the safe side.
+        if bigger == n or took * (bigger / n) ** 3 > limit_s:
+            return a, b, out, time.perf_counter() - start
+        n = bigger
+
+
+def measure_matmul_flops(
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    size: int = 2048,
+    budget_s: float = 0.8,
+) -> float:
+    """Measure the sustained square-matmul rate of ``device`` in FLOP/s.
+
+    Runs ``torch.mm`` on ``size x size`` matrices (warm-up, then timed) within about ``budget_s``
+    seconds in total, using whatever thread count torch currently has. The side is capped below
+    ``size`` where one matmul would take more than a quarter of the budget.
+
+    Args:
+        device: the device to measure.
+        dtype: matmul dtype (fp32 for CPU MFU, bf16 for GPUs missing from the peak table).
+        size: side of the square matrices; larger sizes get closer to peak on big GPUs.
+        budget_s: wall-clock budget for the whole measurement, warm-up included.
+
+    Returns:
+        FLOP/s, counting ``2 * n**3`` FLOPs per ``n x n`` matmul.
+    """
+    if size < 1 or budget_s <= 0:
+        raise ValueError(f"size and budget_s must be positive, got {size=} {budget_s=}")
+    device = torch.device(device)
+    a, b, out, spent = _probe_size(device, dtype, size, budget_s / 4)
+    flops_per_mm = 2.0 * a.shape[0] ** 3
+    timed_budget = max(budget_s - spent, budget_s / 4)
+    # Run in doubling batches with one sync per batch: per-iteration syncs would add launch
+    # latency to every (short) GPU matmul, and the batch is capped so we stop near the budget.
+    iters, batch = 0, 1
+    t0 = time.perf_counter()
+    while True:
+        for _ in range(batch):
+            torch.mm(a, b, out=out)
+        _synchronize(device)
+        iters += batch
+        elapsed = time.perf_counter() - t0
+        fits = int((timed_budget - elapsed) / (elapsed / iters))
+        if fits < 1:
+            return flops_per_mm * iters / elapsed
+        batch = min(batch * 2, fits)
+
+
+@functools.cache
+def _measured_rate(device: torch.device, dtype: torch.dtype, size: int, threads: int) -> float:
+    """Cached :func:`measure_matmul_flops`; ``threads`` is part of the key, as it sets CPU speed."""
+    del threads  # only a cache key
+    return measure_matmul_flops(device, dtype=dtype, size=size)
+
+
+def _lookup_peak(name: str) -> tuple[str, float] | None:
+    """Return the (key, peak) of ``PEAK_BF16_FLOPS`` whose key is in ``name``, longest key first."""
+    lowered = name.lower()
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key.lower() in lowered:
+            return key, PEAK_BF16_FLOPS[key]
+    return None
+
+
+def device_peak_flops(device: torch.device) -> tuple[float, str]:
+    """Return the peak FLOP/s to divide by for MFU on ``device``, and where the number came from.
+
+    CUDA GPUs in :data:`PEAK_BF16_FLOPS` get the datasheet dense bf16 peak. Other GPUs get a
+    measured bf16 matmul rate (with a warning: a measured rate is below the true peak, so MFU
+    reads high). CPUs get a measured fp32 matmul rate, since CPU smoke runs train in fp32. Measured
+    rates are taken once per process (per device, dtype and thread count) and cached.
+
+    Args:
+        device: the training device.
+
+    Returns:
+        ``(flops_per_second, description)``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        hit = _lookup_peak(name)
+        if hit is not None:
+            key, peak = hit
+            return peak, f"{name}: datasheet dense bf16 peak for {key} ({peak / 1e12:.1f} TFLOP/s)"
+        rate = _measured_rate(device, torch.bfloat16, 8192, torch.get_num_threads())
+        logger.warning(
+            "GPU %r is not in titan_core.metrics.PEAK_BF16_FLOPS; MFU uses its measured bf16 "
+            "matmul rate (%.1f TFLOP/s), which is below the true peak",
+            name,
+            rate / 1e12,
+        )
+        return rate, f"measured bf16 matmul rate on {name}"
+    rate = _measured_rate(device, torch.float32, 2048, torch.get_num_threads())
+    where = "this CPU" if device.type == "cpu" else f"this {device.type} device"
+    return rate, f"measured fp32 matmul rate on {where}"
+
+
+def llama_flops_per_token(
+    num_params: int,
+    num_embedding_params: int,
+    n_layers: int,
+    n_heads: int,
+    head_dim: int,
+    seq_len: int,
+) -> float:
+    """Training FLOPs (forward + backward) per token of a Llama-style decoder.
+
+    ``6 * N`` counts every weight matmul: 2 FLOPs per multiply-add forward, 4 backward (input and
+    weight gradients), where ``N`` is the parameter count without the token embedding table (a
+    lookup, not a matmul). The output projection (lm head) *is* a matmul and stays in ``N`` when it
+    is untied; with tied weights it shares storage with the embedding, so it is subtracted with it
+    and the estimate undercounts by ``6 * vocab * dim``.
+
+    ``12 * n_layers * n_heads * head_dim * seq_len`` counts the two attention matmuls whose size
+    grows with context (``Q @ K^T`` and ``scores @ V``): ``2 * 2 * n_heads * head_dim * seq_len``
+    forward per layer, times 3 for forward + backward. Causal masking is NOT discounted: a causal
+    kernel skips about half of that work, but we follow the usual convention (PaLM appendix B) of
+    counting the full square so MFU numbers compare across codebases.
+
+    Args:
+        num_params: total parameter count of the model.
+        num_embedding_params: parameters in the token embedding table only (``vocab * dim``); not
+            the lm head, not norms, not positional tables.
+        n_layers: transformer blocks.
+        n_heads: query heads (GQA shares K/V heads, but scores are computed per query head).
+        head_dim: dimension per head.
+        seq_len: training sequence length.
+
+    Returns:
+        FLOPs per token, as a float.
+    """
+    if not 0 <= num_embedding_params <= num_params:
+        raise ValueError(
+            f"need 0 <= num_embedding_params <= num_params, got {num_embedding_params=} "
+            f"{num_params=}"
+        )
+    dense = 6.0 * (num_params - num_embedding_params)
+    attention = 12.0 * n_layers * n_heads * head_dim * seq_len
+    return dense + attention
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory of this process on ``device``, in GiB.
+
+    CUDA reports the allocator's peak (``torch.cuda.max_memory_allocated``), so the trainer can
+    reset it per interval. Elsewhere the peak resident set size of the whole process is the best
+    cheap proxy; it never goes down.
+
+    Args:
+        device: the training device.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / _BYTES_PER_GIB
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is KiB on Linux but bytes on macOS.
+    rss_bytes = max_rss if sys.platform == "darwin" else max_rss * 1024
+    return rss_bytes / _BYTES_PER_GIB
+
+
+# Console fields in print order: (record key, label, format of the value).
+_CONSOLE_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("step", "step", "{:>4}"),
+    ("loss", "loss", "{:7.4f}"),
+    ("grad_norm", "grad_norm", "{:5.2f}"),
+    ("lr", "lr", "{:.1e}"),
+    ("tps", "tps", "{:,.0f}"),
+    ("tflops", "tflops", "{:.2f}"),
+    ("mfu", "mfu", "{:.1%}"),
+    ("memory_gib", "mem", "{:.2f}GiB"),
+)
+# Kept in metrics.jsonl but left off the console line to keep it short.
+_CONSOLE_SKIP = frozenset({"tokens_seen", "time"})
+
+
+def format_console_line(record: Mapping[str, Any]) -> str:
+    """Format one metrics record as a short console line.
+
+    Standard fields print in a fixed order with fixed precision (``mfu``, a 0..1 fraction, as a
+    percent); missing ones are skipped. Extra numeric keys (e.g. a checkpoint time) follow as
+    ``key value``.
+
+    Args:
+        record: a metrics record, as passed to :meth:`MetricsLogger.log`.
+    """
+    parts = []
+    for key, label, fmt in _CONSOLE_FIELDS:
+        if key in record:
+            parts.append(f"{label} {fmt.format(record[key])}")
+    known = {key for key, _, _ in _CONSOLE_FIELDS} | _CONSOLE_SKIP
+    for key, value in record.items():
+        if key not in known and isinstance(value, int | float) and not isinstance(value, bool):
+            parts.append(f"{key} {value:.4g}")
+    return "  ".join(parts)
+
+
+def _plain(value: Any) -> Any:
+    """Turn 0-d tensors and numpy scalars into Python numbers so json keeps full precision."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+class MetricsLogger:
+    """Write metrics records to ``metrics.jsonl``, TensorBoard, W&B and the console.
+
+    Build one per rank with ``enabled=(rank == 0)``: a disabled logger touches no file and every
+    method is a no-op, so only one rank prints and writes. ``metrics.jsonl`` is opened in append
+    mode, so a resumed run extends the same file.
+
+    Args:
+        dump_folder: the run's output folder; created if missing.
+        enabled: False on non-zero ranks.
+        enable_tensorboard: write TensorBoard events under ``<dump_folder>/<tb_subdir>/``.
+        enable_wandb: log to Weights & Biases (needs ``pip install wandb``; honours the usual
+            ``WANDB_*`` environment variables, e.g. ``WANDB_MODE=offline``).
+        wandb_config: the resolved run config, stored with the W&B run.
+        tb_subdir: TensorBoard folder name inside ``dump_folder``.
+    """
+
+    def __init__(
+        self,
+        dump_folder: str | os.PathLike,
+        *,
+        enabled: bool,
+        enable_tensorboard: bool,
+        enable_wandb: bool,
+        wandb_config: dict | None = None,
+        tb_subdir: str = "tb",
+    ) -> None:
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb_writer = None
+        self._wandb_run = None
+        if not enabled:
+            return
+        folder = Path(dump_folder)
+        # Check optional dependencies before creating anything, so a bad flag leaves no litter.
+        wandb = _import_wandb() if enable_wandb else None
+        summary_writer_cls = _import_summary_writer() if enable_tensorboard else None
+        folder.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(folder / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if summary_writer_cls is not None:
+            self._tb_writer = summary_writer_cls(log_dir=str(folder / tb_subdir))
+        if wandb is not None:
+            self._wandb_run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "titan"),
+                dir=str(folder),
+                config=wandb_config or {},
+            )
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Write one record (must hold ``step``) to every enabled sink and print it.
+
+        Every key goes to ``metrics.jsonl`` unrounded (``json.dumps`` of the Python value; a NaN
+        loss is written as ``NaN``, which Python's json reads back). Numeric values other than
+        ``step`` go to TensorBoard and W&B under their key as the tag, at ``step``.
+
+        Args:
+            record: step, loss, grad_norm, lr, tps, tflops, mfu (fraction), memory_gib,
+                tokens_seen, time, plus any extra keys.
+        """
+        if not self.enabled:
+            return
+        if self._jsonl is None:
+            raise RuntimeError("MetricsLogger.log() called after close()")
+        plain = {key: _plain(value) for key, value in record.items()}
+        step = int(plain["step"])
+        self._jsonl.write(json.dumps(plain) + "\n")
+        # Flush per record: a crashed run should still leave every step it logged.
+        self._jsonl.flush()
+        scalars = {
+            key: value
+            for key, value in plain.items()
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        if self._tb_writer is not None:
+            for key, value in scalars.items():
+                self._tb_writer.add_scalar(key, value, global_step=step)
+        if self._wandb_run is not None:
+            self._wandb_run.log(scalars, step=step)
+        logger.info(format_console_line(plain))
+
+    def close(self) -> None:
+        """Flush and close every sink; safe to call twice."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+            self._tb_writer = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _import_wandb() -> Any:
+    """Import wandb on demand; it is an optional dependency (``titan-core[wandb]``)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(
+            "metrics.enable_wandb: wandb is not installed; pip install wandb or drop the flag"
+        ) from None
+    return wandb
+
+
+def _import_summary_writer() -> Any:
+    """Import TensorBoard's SummaryWriter on demand; the import alone takes about a second."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(
+            "metrics.enable_tensorboard: tensorboard is not installed; "
+            "pip install tensorboard or drop the flag"
+        ) from None
+    return SummaryWriter

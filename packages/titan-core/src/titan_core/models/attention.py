@@ -1,0 +1,59 @@
+"""Grouped-query attention over ``scaled_dot_product_attention``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titan_core.models.rope import apply_rope
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE; ``n_kv_heads`` divides ``n_heads``.
+
+    Projections ``wq``, ``wk``, ``wv``, ``wo`` carry no bias. Head counts are read from the weight
+    shapes at run time, so a tensor-parallel plan that shards the projections column-wise works
+    without telling this module.
+
+    Args:
+        dim: model width.
+        n_heads: query heads.
+        n_kv_heads: key/value heads.
+        head_dim: size of one head (need not equal dim // n_heads).
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+        self.head_dim = head_dim
+        self.n_rep = n_heads // n_kv_heads
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values, each (B, S, heads, head_dim); subclasses add norms here."""
+        q = self.wq(x).unflatten(-1, (-1, self.head_dim))
+        k = self.wk(x).unflatten(-1, (-1, self.head_dim))
+        v = self.wv(x).unflatten(-1, (-1, self.head_dim))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q, k, v = self.project_qkv(x)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # (B, S, H, D) -> (B, H, S, D); kv heads repeated to match the query heads.
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.n_rep > 1:
+            k = k.repeat_interleave(self.n_rep, dim=1)
+            v = v.repeat_interleave(self.n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).flatten(2))  # (B, S, H*D)
+
+    def init_weights(self, init_std: float) -> None:
+        """q/k/v at std 0.02, the output projection at the depth-scaled ``init_std``."""
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)

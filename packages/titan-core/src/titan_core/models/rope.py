@@ -1,0 +1,102 @@
+"""Rotary position embeddings (RoPE) and their frequency variants.
+
+Layout: we rotate *interleaved* pairs ``(x[2i], x[2i+1])`` of each head, as Meta's original Llama
+code does. Hugging Face checkpoints use the rotate-half layout instead; the HF adapters permute
+the rows of ``wq``/``wk`` so that both give the same attention scores.
+
+A variant is a small subclass overriding :meth:`RoPE.inv_freq`; the tables are real cos/sin
+tensors (no complex numbers), which compile cleanly and shard like any other tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class RoPE(nn.Module):
+    """Plain RoPE: frequency ``theta ** (-2i / head_dim)`` for pair ``i``.
+
+    Args:
+        head_dim: size of one attention head (even).
+        max_seq_len: number of positions to precompute.
+        theta: the base of the geometric frequency ladder.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.theta = theta
+        # NOTE: not persistent: the tables are a function of the args, never checkpointed, and
+        # are rebuilt by reset_parameters() after a model built on the meta device is materialised.
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def inv_freq(self) -> torch.Tensor:
+        """Angular frequency of each of the ``head_dim // 2`` pairs, float64."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def reset_parameters(self) -> None:
+        if self.cos.is_meta:
+            return
+        positions = torch.arange(self.max_seq_len, dtype=torch.float64)
+        angles = torch.outer(positions, self.inv_freq())  # (S, D/2)
+        with torch.no_grad():
+            self.cos.copy_(angles.cos().to(self.cos.dtype))
+            self.sin.copy_(angles.sin().to(self.sin.dtype))
+
+    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cos, sin) tables for the first ``seq_len`` positions, each (S, D/2)."""
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+@dataclass(kw_only=True, frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1 long-context frequency scaling (HF ``rope_type: llama3``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+class Llama3RoPE(RoPE):
+    """RoPE whose low frequencies are slowed by ``factor``, blending smoothly in between.
+
+    Wavelengths shorter than ``original / high_freq_factor`` keep their frequency; those longer
+    than ``original / low_freq_factor`` are divided by ``factor``; the band between interpolates.
+    """
+
+    def __init__(
+        self, head_dim: int, max_seq_len: int, theta: float, scaling: Llama3RopeScaling
+    ) -> None:
+        self.scaling = scaling
+        super().__init__(head_dim, max_seq_len, theta)
+
+    def inv_freq(self) -> torch.Tensor:
+        freq = super().inv_freq()
+        s = self.scaling
+        wavelen = 2 * math.pi / freq
+        orig = s.original_max_position_embeddings
+        smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        blended = (1 - smooth) * freq / s.factor + smooth * freq
+        out = torch.where(wavelen > orig / s.low_freq_factor, freq / s.factor, blended)
+        return torch.where(wavelen < orig / s.high_freq_factor, freq, out)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` (B, S, H, D) by the angles in ``cos``/``sin`` (S, D/2)."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
+    x1, x2 = x_pairs[..., 0], x_pairs[..., 1]
+    cos = cos[None, :, None, :]  # (1, S, 1, D/2)
+    sin = sin[None, :, None, :]
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)

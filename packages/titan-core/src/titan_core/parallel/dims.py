@@ -1,0 +1,128 @@
+"""The parallel layout: degrees from ``[parallelism]``, validated, and the one device mesh.
+
+All mesh construction lives here. The mesh has named dimensions ``pp, dp_replicate, dp_shard,
+cp, tp`` (size-1 dimensions included, so every name always exists), plus flattened views:
+
+- ``dp``: ``dp_replicate x dp_shard``, the ranks that see different data (the loader's group);
+- ``dp_shard_cp``: ``dp_shard x cp``, the ranks FSDP shards parameters over;
+- ``dp_cp``: ``dp_replicate x dp_shard x cp``, the ranks the loss is averaged over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from titan_core.config.job_config import Parallelism
+from titan_core.errors import UserError
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Resolved degrees; their product equals ``world_size``."""
+
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    ep: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Parallelism, world_size: int) -> ParallelDims:
+        """Resolve ``data_parallel_shard_degree = -1`` and check the layout against the world."""
+        fixed = {
+            "data_parallel_replicate_degree": cfg.data_parallel_replicate_degree,
+            "context_parallel_degree": cfg.context_parallel_degree,
+            "tensor_parallel_degree": cfg.tensor_parallel_degree,
+            "pipeline_parallel_degree": cfg.pipeline_parallel_degree,
+            "expert_parallel_degree": cfg.expert_parallel_degree,
+        }
+        for key, value in fixed.items():
+            if value < 1:
+                raise UserError(f"parallelism.{key}={value}: a degree must be >= 1")
+        others = (
+            cfg.data_parallel_replicate_degree
+            * cfg.context_parallel_degree
+            * cfg.tensor_parallel_degree
+            * cfg.pipeline_parallel_degree
+        )
+        shard = cfg.data_parallel_shard_degree
+        if shard == -1:
+            if world_size % others:
+                raise UserError(
+                    "parallelism: data_parallel_replicate_degree x context_parallel_degree x "
+                    "tensor_parallel_degree x pipeline_parallel_degree = "
+                    f"{cfg.data_parallel_replicate_degree} x {cfg.context_parallel_degree} x "
+                    f"{cfg.tensor_parallel_degree} x {cfg.pipeline_parallel_degree} = {others} "
+                    f"does not divide the world size {world_size}; change the degrees or the "
+                    "number of processes"
+                )
+            shard = world_size // others
+        elif shard < 1:
+            raise UserError(
+                f"parallelism.data_parallel_shard_degree={shard}: use -1 (all remaining ranks) "
+                "or a degree >= 1"
+            )
+        if shard * others != world_size:
+            raise UserError(
+                "parallelism: data_parallel_replicate_degree x data_parallel_shard_degree x "
+                "context_parallel_degree x tensor_parallel_degree x pipeline_parallel_degree = "
+                f"{cfg.data_parallel_replicate_degree} x {shard} x {cfg.context_parallel_degree}"
+                f" x {cfg.tensor_parallel_degree} x {cfg.pipeline_parallel_degree} = "
+                f"{shard * others}, but the world size is {world_size}; make the product equal "
+                "the number of processes"
+            )
+        return cls(
+            dp_replicate=cfg.data_parallel_replicate_degree,
+            dp_shard=shard,
+            cp=cfg.context_parallel_degree,
+            tp=cfg.tensor_parallel_degree,
+            pp=cfg.pipeline_parallel_degree,
+            ep=cfg.expert_parallel_degree,
+            world_size=world_size,
+        )
+
+    @property
+    def dp(self) -> int:
+        """Ranks that see different data."""
+        return self.dp_replicate * self.dp_shard
+
+    def dp_rank(self, rank: int) -> int:
+        """This rank's index in the ``dp`` view; the mesh is laid out pp, dp, cp, tp."""
+        return rank // (self.cp * self.tp) % self.dp
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard * self.cp > 1
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """The world mesh with every named dimension and the flattened views (module doc)."""
+        sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
+        # NOTE: _flatten is the only way to get a named group over several dimensions; torch
+        # keeps it stable for exactly this use (torchtitan relies on it too).
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        return mesh
+
+
+def check_supported(dims: ParallelDims) -> None:
+    """Refuse the degrees this release does not implement yet, naming the key."""
+    pending = {
+        "tensor_parallel_degree": dims.tp,
+        "pipeline_parallel_degree": dims.pp,
+        "context_parallel_degree": dims.cp,
+        "expert_parallel_degree": dims.ep,
+    }
+    for key, degree in pending.items():
+        if degree != 1:
+            raise UserError(
+                f"parallelism.{key}={degree}: not supported yet in this release; "
+                "use FSDP/HSDP (data_parallel_*_degree) and leave it at 1"
+            )

@@ -1,0 +1,118 @@
+"""TrainSpec: what a model package hands titan-core, and the entry-point registry.
+
+A model package registers one ``TrainSpec`` under the ``titan.models`` entry-point group::
+
+    [project.entry-points."titan.models"]
+    llama3 = "titan_llama3:train_spec"
+
+Specs are looked up lazily: only the requested entry point is imported. A name that two
+distributions register is an error naming both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from torch import nn
+
+from titan_core.errors import UserError
+
+ENTRY_POINT_GROUP = "titan.models"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything titan-core needs to train one model family.
+
+    Args:
+        name: the family's name, as given to ``--model.name``.
+        flavors: flavor name -> model-args dataclass (always including ``debugmodel``).
+        model_cls: ``model_cls(args)`` builds the single-device model; it must have a
+            ``layers`` ModuleDict and an ``init_weights()`` method.
+        parallelize_fn: ``parallelize_fn(model, parallel_dims, mesh, job_config)`` applies
+            parallelisms in place (mesh is None in a single process).
+        pipelining_fn: splits the model into pipeline stages, or None.
+        state_dict_adapter: converts between Hugging Face and titan state dicts, or None.
+        flops_per_token_fn: ``fn(args, num_params, seq_len)`` -> training FLOPs per token.
+        build_loss_fn: optional override of the cross-entropy loss builder.
+        build_optimizer_fn: optional override of the optimizer builder.
+        build_tokenizer_fn: optional override of the tokenizer builder.
+    """
+
+    name: str
+    flavors: Mapping[str, Any]
+    model_cls: type[nn.Module]
+    parallelize_fn: Callable[..., nn.Module | None]
+    pipelining_fn: Callable[..., Any] | None = None
+    state_dict_adapter: Any = None
+    flops_per_token_fn: Callable[[Any, int, int], float] | None = None
+    build_loss_fn: Callable[..., Any] | None = None
+    build_optimizer_fn: Callable[..., Any] | None = None
+    build_tokenizer_fn: Callable[..., Any] | None = None
+
+
+_LOCAL: dict[str, TrainSpec] = {}
+
+
+def register_train_spec(spec: TrainSpec) -> None:
+    """Register a spec in this process only (tests, notebooks); entry points are the norm."""
+    _LOCAL[spec.name] = spec
+
+
+def _dist_name(ep: EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else "<unknown distribution>"
+
+
+def discover() -> dict[str, EntryPoint]:
+    """Installed model entry points by name; a name registered twice is a UserError."""
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found and _dist_name(found[ep.name]) != _dist_name(ep):
+            raise UserError(
+                f"model '{ep.name}' is registered twice, by the distributions "
+                f"'{_dist_name(found[ep.name])}' and '{_dist_name(ep)}'; uninstall one of them"
+            )
+        found[ep.name] = ep
+    return found
+
+
+def available_models() -> dict[str, str]:
+    """Model name -> the distribution that provides it."""
+    names = {name: _dist_name(ep) for name, ep in discover().items()}
+    names.update({name: "<registered in-process>" for name in _LOCAL})
+    return dict(sorted(names.items()))
+
+
+def get_train_spec(name: str) -> TrainSpec:
+    """The TrainSpec registered as ``name``.
+
+    Raises:
+        UserError: no such model (the installed ones are listed), or its entry point fails to
+            import (the distribution is named).
+    """
+    if name in _LOCAL:
+        return _LOCAL[name]
+    installed = discover()
+    if name not in installed:
+        listing = ", ".join(installed) or "none"
+        raise UserError(
+            f"model.name: no model '{name}' is installed (installed: {listing}); "
+            f"pip install the package that provides it, e.g. titan-{name}"
+        )
+    ep = installed[name]
+    try:
+        spec = ep.load()
+    except Exception as e:
+        raise UserError(
+            f"model.name: the entry point '{ep.value}' of distribution '{_dist_name(ep)}' "
+            f"failed to import ({type(e).__name__}: {e}); reinstall or fix that package"
+        ) from None
+    if not isinstance(spec, TrainSpec):
+        raise UserError(
+            f"model.name: entry point '{ep.value}' of '{_dist_name(ep)}' is a "
+            f"{type(spec).__name__}, not a titan_core.TrainSpec"
+        )
+    return spec

@@ -1,0 +1,304 @@
+"""The training loop, as a short sequence of named steps.
+
+``Trainer(config)`` checks everything a person could have got wrong (model, flavor, layout,
+tokenizer, data, batch sizes) before it starts a process group or allocates a model; ``train()``
+then runs ``train_step`` (``forward_backward`` per microbatch, clip, optimizer and scheduler
+step) ``training.steps`` times, logging every ``metrics.log_freq`` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from titan_core.config import JobConfig, to_toml
+from titan_core.data import GlobalBatchLoader, Tokenizer, load_tokenizer
+from titan_core.distributed import Runtime, init_process_group, runtime_from_env
+from titan_core.errors import UserError
+from titan_core.metrics import MetricsLogger, device_peak_flops, memory_gib
+from titan_core.optim import build_lr_scheduler, build_optimizer
+from titan_core.parallel import ParallelDims, check_supported
+from titan_core.precision import param_and_reduce_dtypes
+from titan_core.train_spec import TrainSpec, get_train_spec
+
+logger = logging.getLogger("titan")
+
+RUN_FILES = ("config.toml", "metrics.jsonl", "tb")
+
+
+def resolve_model_args(spec: TrainSpec, config: JobConfig) -> Any:
+    """The flavor's args, with the RoPE table sized for ``training.seq_len``."""
+    if config.model.flavor not in spec.flavors:
+        raise UserError(
+            f"model.flavor: '{config.model.flavor}' is not a flavor of {spec.name} "
+            f"(flavors: {', '.join(spec.flavors)})"
+        )
+    args = spec.flavors[config.model.flavor]
+    if hasattr(args, "max_seq_len"):
+        args = dataclasses.replace(args, max_seq_len=config.training.seq_len)
+    return args
+
+
+def validate_training(config: JobConfig, dims: ParallelDims) -> int:
+    """Check the [training] numbers against the layout; return the global batch size."""
+    t = config.training
+    for key in ("steps", "seq_len", "local_batch_size"):
+        if getattr(t, key) < 1:
+            raise UserError(f"training.{key}={getattr(t, key)}: must be >= 1")
+    if config.metrics.log_freq < 1:
+        raise UserError(f"metrics.log_freq={config.metrics.log_freq}: must be >= 1")
+    if config.checkpoint.enable:
+        raise UserError(
+            "checkpoint.enable: checkpointing is not available in this release yet; drop the flag"
+        )
+    if config.activation_checkpoint.mode != "none" or config.compile.enable:
+        raise UserError(
+            "activation_checkpoint.mode / compile.enable: not available in this release yet; "
+            "leave them at their defaults"
+        )
+    if config.model.converters:
+        raise UserError(
+            f"model.converters={config.model.converters}: no converter is available yet; "
+            "leave it empty"
+        )
+    per_step = t.local_batch_size * dims.dp
+    global_batch = per_step if t.global_batch_size == -1 else t.global_batch_size
+    if global_batch < 1 or global_batch % per_step:
+        raise UserError(
+            f"training.global_batch_size={t.global_batch_size} must be a positive multiple of "
+            f"training.local_batch_size x data-parallel degree = {t.local_batch_size} x {dims.dp}"
+            f" = {per_step} (or -1)"
+        )
+    return global_batch
+
+
+def archive_previous_run(dump: Path) -> None:
+    """Move an earlier run's files to ``previous-runs/<time>/`` so a new run never erases them."""
+    present = [dump / name for name in RUN_FILES if (dump / name).exists()]
+    if not present:
+        return
+    target = dump / "previous-runs" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in present:
+        path.rename(target / path.name)
+    logger.info("moved the previous run's files in %s to %s", dump, target)
+
+
+class Trainer:
+    """One training job. Construction validates and builds; ``train()`` runs it."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        self.runtime: Runtime = runtime_from_env()
+        self.check_inputs()
+        if config.training.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.prepare_dump_folder()
+        init_process_group(self.runtime, config.comm.init_timeout_seconds)
+        self.mesh = self.build_mesh()
+        self.model = self.build_model()
+        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.scheduler = build_lr_scheduler(
+            self.optimizer, config.lr_scheduler, config.training.steps
+        )
+        self.metrics = self.build_metrics()
+        self.step = 0
+
+    # ---- build steps -------------------------------------------------------------------
+
+    def check_inputs(self) -> None:
+        """Everything a person can get wrong, checked before any process group or model."""
+        c = self.config
+        self.spec = get_train_spec(c.model.name)
+        self.model_args = resolve_model_args(self.spec, c)
+        self.dims = ParallelDims.from_config(c.parallelism, self.runtime.world_size)
+        check_supported(self.dims)
+        self.global_batch_size = validate_training(c, self.dims)
+        self.tokenizer: Tokenizer = load_tokenizer(c.model.hf_assets_path)
+        vocab = getattr(self.model_args, "vocab_size", None)
+        if vocab is not None and self.tokenizer.vocab_size > vocab:
+            raise UserError(
+                f"model.hf_assets_path: the tokenizer has {self.tokenizer.vocab_size} tokens but "
+                f"{c.model.name} {c.model.flavor} has vocab_size {vocab}; use a flavor with a "
+                "large enough vocabulary or a matching tokenizer"
+            )
+        self.param_dtype, _ = param_and_reduce_dtypes(c.training, self.runtime.device.type)
+        # Opening the data checks the path and format now, before any process group.
+        self.loader = self.build_loader()
+
+    def prepare_dump_folder(self) -> None:
+        """Create the dump folder, keep an earlier run's files, write the resolved config."""
+        if self.runtime.is_main:
+            dump = Path(self.config.job.dump_folder)
+            try:
+                dump.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"job.dump_folder: cannot create {dump} ({e.strerror})") from None
+            archive_previous_run(dump)
+            (dump / "config.toml").write_text(to_toml(self.config), encoding="utf-8")
+
+    def build_mesh(self) -> Any:
+        if self.runtime.world_size == 1:
+            return None
+        return self.dims.build_mesh(self.runtime.device.type)
+
+    def build_model(self) -> nn.Module:
+        """Build on meta, count, then initialise and parallelise (see NOTE for the order)."""
+        with torch.device("meta"):
+            model = self.spec.model_cls(self.model_args)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        fpt = self.spec.flops_per_token_fn
+        seq_len = self.config.training.seq_len
+        self.flops_per_token = fpt(self.model_args, self.num_params, seq_len) if fpt else 0.0
+        device = self.runtime.device
+        # NOTE: on CPU the full model is initialised before sharding, so every layout starts
+        # from the same weights (DTensor's sharded RNG is only layout-independent on CUDA). On
+        # GPU the model stays on meta until sharded, so no rank ever holds all of it.
+        if device.type == "cpu":
+            self._materialize(model, device)
+            self.spec.parallelize_fn(model, self.dims, self.mesh, self.config)
+        else:
+            self.spec.parallelize_fn(model, self.dims, self.mesh, self.config)
+            self._materialize(model, device)
+        model.train()
+        logger.info(
+            "model %s %s: %s parameters, %.3g training FLOPs/token",
+            self.config.model.name,
+            self.config.model.flavor,
+            f"{self.num_params:,}",
+            self.flops_per_token,
+        )
+        return model
+
+    def _materialize(self, model: nn.Module, device: torch.device) -> None:
+        model.to_empty(device=device)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # to_empty makes new tensors, which unties shared ones
+        torch.manual_seed(self.config.training.seed)
+        model.init_weights()
+
+    def build_loader(self) -> GlobalBatchLoader:
+        t = self.config.training
+        return GlobalBatchLoader(
+            None,
+            self.tokenizer,
+            seq_len=t.seq_len,
+            global_batch_size=self.global_batch_size,
+            local_batch_size=t.local_batch_size,
+            dp_rank=self.dims.dp_rank(self.runtime.rank),
+            dp_degree=self.dims.dp,
+            dataset=t.dataset,
+            dataset_path=t.dataset_path,
+            seed=t.seed,
+        )
+
+    def build_metrics(self) -> MetricsLogger:
+        m = self.config.metrics
+        self.peak_flops, peak_desc = device_peak_flops(self.runtime.device)
+        logger.info("MFU is measured against %.3g FLOP/s (%s)", self.peak_flops, peak_desc)
+        return MetricsLogger(
+            self.config.job.dump_folder,
+            enabled=self.runtime.is_main,
+            enable_tensorboard=m.enable_tensorboard,
+            enable_wandb=m.enable_wandb,
+            wandb_config=dataclasses.asdict(self.config),
+        )
+
+    # ---- the step ----------------------------------------------------------------------
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast where no FSDP mixed-precision policy does the casting."""
+        if self.param_dtype == torch.float32 or self.mesh is not None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.runtime.device.type, dtype=self.param_dtype)
+
+    def forward_backward(
+        self, inputs: torch.Tensor, labels: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Loss of one microbatch (mean over its tokens); backward of ``loss * scale``."""
+        with self.autocast():
+            logits = self.model(inputs)  # (B, S, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        (loss * scale).backward()
+        return loss.detach()
+
+    def train_step(
+        self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[float, float]:
+        """One optimizer step over the microbatches; returns (global mean loss, grad norm)."""
+        n = len(microbatches)
+        device = self.runtime.device
+        loss = torch.zeros((), device=device)
+        for i, (inputs, labels) in enumerate(microbatches):
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                # Reduce gradients across ranks only after the last microbatch.
+                self.model.set_requires_gradient_sync(i == n - 1)
+            loss += self.forward_backward(inputs.to(device), labels.to(device), 1.0 / n) / n
+        max_norm = self.config.training.max_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.mesh is not None:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=self.mesh["dp_cp"].get_group())
+        return loss.item(), grad_norm.item()
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Run ``training.steps`` steps; return the summary the CLI prints."""
+        t = self.config.training
+        tokens_per_step_local = t.local_batch_size * t.seq_len * self.loader.grad_accum_steps
+        first_loss = loss = float("nan")
+        start = window_start = time.perf_counter()
+        window_tokens = 0
+        for self.step in range(1, t.steps + 1):
+            lr = self.scheduler.get_last_lr()[0]
+            loss, grad_norm = self.train_step(self.loader.next_batch())
+            first_loss = loss if self.step == 1 else first_loss
+            window_tokens += tokens_per_step_local
+            if self.step % self.config.metrics.log_freq == 0 or self.step in (1, t.steps):
+                now = time.perf_counter()
+                tps = window_tokens / (now - window_start)
+                self.log_step(loss, grad_norm, lr, tps, now - start)
+                window_start, window_tokens = now, 0
+        elapsed = time.perf_counter() - start
+        self.metrics.close()
+        return {
+            "steps": t.steps,
+            "first_loss": first_loss,
+            "final_loss": loss,
+            "tps": tokens_per_step_local * t.steps / elapsed,
+            "dump_folder": os.path.abspath(self.config.job.dump_folder),
+        }
+
+    def log_step(
+        self, loss: float, grad_norm: float, lr: float, tps: float, elapsed: float
+    ) -> None:
+        flops = self.flops_per_token * tps
+        self.metrics.log(
+            {
+                "step": self.step,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "tps": tps,
+                "tflops": flops / 1e12,
+                "mfu": flops / self.peak_flops if self.peak_flops else 0.0,
+                "memory_gib": memory_gib(self.runtime.device),
+                "tokens_seen": self.step * self.global_batch_size * self.config.training.seq_len,
+                "time": elapsed,
+            }
+        )

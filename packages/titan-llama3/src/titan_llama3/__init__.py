@@ -1,0 +1,29 @@
+"""Llama 3 / 3.1 / 3.2 for titan: model, flavors, parallelize plan.
+
+Installing this package registers the ``llama3`` model (entry point ``titan.models``).
+"""
+
+from titan_core import TrainSpec
+from titan_core.metrics import llama_flops_per_token
+from titan_llama3.args import LLAMA3_FLAVORS, Llama3Args
+from titan_llama3.model import Transformer
+from titan_llama3.parallelize import parallelize_llama
+
+
+def flops_per_token(args: Llama3Args, num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token (see ``titan_core.metrics.llama_flops_per_token``)."""
+    embedding = args.vocab_size * args.dim
+    return llama_flops_per_token(
+        num_params, embedding, args.n_layers, args.n_heads, args.head_dim, seq_len
+    )
+
+
+train_spec = TrainSpec(
+    name="llama3",
+    flavors=LLAMA3_FLAVORS,
+    model_cls=Transformer,
+    parallelize_fn=parallelize_llama,
+    flops_per_token_fn=flops_per_token,
+)
+
+__all__ = ["LLAMA3_FLAVORS", "Llama3Args", "Transformer", "parallelize_llama", "train_spec"]

@@ -1,0 +1,213 @@
+"""Unit tests for titan_core.metrics: FLOP accounting, peak rates, memory and the metrics sinks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import pytest
+import torch
+
+from titan_core import metrics
+from titan_core.errors import UserError
+from titan_core.metrics import (
+    MetricsLogger,
+    device_peak_flops,
+    format_console_line,
+    llama_flops_per_token,
+    measure_matmul_flops,
+    memory_gib,
+)
+
+RECORD_KEYS = (
+    "step",
+    "loss",
+    "grad_norm",
+    "lr",
+    "tps",
+    "tflops",
+    "mfu",
+    "memory_gib",
+    "tokens_seen",
+    "time",
+)
+
+
+def make_record(step: int = 10, loss: float = 6.123456789012345) -> dict:
+    return {
+        "step": step,
+        "loss": loss,
+        "grad_norm": 1.234,
+        "lr": 8e-4,
+        "tps": 4210.4,
+        "tflops": 0.0512,
+        "mfu": 0.1234,
+        "memory_gib": 0.4213,
+        "tokens_seen": 40960,
+        "time": 12.5,
+    }
+
+
+def test_llama_flops_per_token_matches_hand_count():
+    # Dense: 6 * (1000 - 200) = 4800. Attention: 12 * 2 layers * 4 heads * 8 dim * 16 seq = 12288.
+    flops = llama_flops_per_token(
+        num_params=1000, num_embedding_params=200, n_layers=2, n_heads=4, head_dim=8, seq_len=16
+    )
+    assert flops == 4800 + 12288
+
+
+def test_llama_flops_per_token_rejects_embedding_larger_than_model():
+    with pytest.raises(ValueError, match="num_embedding_params"):
+        llama_flops_per_token(10, 20, n_layers=1, n_heads=1, head_dim=1, seq_len=1)
+
+
+def test_measure_matmul_flops_is_positive_and_fast():
+    start = time.perf_counter()
+    rate = measure_matmul_flops(torch.device("cpu"))
+    elapsed = time.perf_counter() - start
+    # Any real CPU does more than 100 MFLOP/s fp32; the bound catches unit slips (e.g. GFLOP/s).
+    assert rate > 1e8
+    assert elapsed < 2.0, f"measurement took {elapsed:.2f}s"
+
+
+def test_device_peak_flops_cpu_is_measured_fp32_and_cached():
+    rate, description = device_peak_flops(torch.device("cpu"))
+    assert rate > 1e8
+    assert "fp32" in description and "measured" in description
+    start = time.perf_counter()
+    assert device_peak_flops(torch.device("cpu"))[0] == rate
+    assert time.perf_counter() - start < 0.05, "second call should hit the cache"
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA B200", 2.25e15),
+    ],
+)
+def test_device_peak_flops_cuda_uses_datasheet_table(monkeypatch, name, peak):
+    # Patch the name lookup so the table matching is checked without a GPU.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    rate, description = device_peak_flops(torch.device("cuda", 0))
+    assert rate == peak
+    assert name in description
+
+
+def test_memory_gib_cpu_is_plausible():
+    gib = memory_gib(torch.device("cpu"))
+    # The test process holds torch, so its peak RSS is well above 10 MiB and below a TiB.
+    assert 0.01 < gib < 1024
+
+
+def test_logger_writes_exact_keys_and_full_precision_loss(tmp_path):
+    with MetricsLogger(
+        tmp_path / "run", enabled=True, enable_tensorboard=False, enable_wandb=False
+    ) as sink:
+        sink.log(make_record())
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    assert tuple(row) == RECORD_KEYS
+    assert row["loss"] == 6.123456789012345
+    assert not (tmp_path / "run" / "tb").exists()
+
+
+def test_logger_turns_scalar_tensors_into_exact_floats(tmp_path):
+    loss = torch.tensor(6.123456789012345, dtype=torch.float64)
+    with MetricsLogger(
+        tmp_path, enabled=True, enable_tensorboard=False, enable_wandb=False
+    ) as sink:
+        sink.log({**make_record(), "loss": loss})
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["loss"] == loss.item()
+
+
+def test_logger_appends_across_instances(tmp_path):
+    for step in (1, 2):
+        with MetricsLogger(
+            tmp_path, enabled=True, enable_tensorboard=False, enable_wandb=False
+        ) as sink:
+            sink.log(make_record(step=step))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+
+
+def test_logger_writes_tensorboard_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path, enabled=True, enable_tensorboard=True, enable_wandb=False) as sink:
+        sink.log(make_record(step=7))
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "grad_norm", "lr", "tps", "tflops", "mfu", "memory_gib"} <= tags
+    (point,) = acc.Scalars("loss")
+    assert point.step == 7
+    assert point.value == pytest.approx(6.123456789012345, rel=1e-6)  # TB stores float32
+
+
+def test_disabled_logger_writes_nothing(tmp_path, caplog):
+    folder = tmp_path / "rank1"
+    with caplog.at_level(logging.INFO, logger="titan"):
+        sink = MetricsLogger(folder, enabled=False, enable_tensorboard=True, enable_wandb=True)
+        sink.log(make_record())
+        sink.close()
+    assert not folder.exists()
+    assert caplog.records == []
+
+
+def test_enable_wandb_without_wandb_is_a_user_error(tmp_path, monkeypatch):
+    # A None entry in sys.modules makes `import wandb` fail even where wandb is installed.
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(UserError, match=r"metrics\.enable_wandb"):
+        MetricsLogger(tmp_path / "run", enabled=True, enable_tensorboard=False, enable_wandb=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_log_prints_console_line(tmp_path, caplog):
+    with (
+        caplog.at_level(logging.INFO, logger="titan"),
+        MetricsLogger(tmp_path, enabled=True, enable_tensorboard=False, enable_wandb=False) as sink,
+    ):
+        sink.log(make_record())
+    assert [r.getMessage() for r in caplog.records] == [format_console_line(make_record())]
+
+
+def test_format_console_line_shows_step_loss_and_mfu_percent():
+    line = format_console_line({**make_record(), "checkpoint_s": 1.5})
+    assert line.startswith("step   10  loss  6.1235")
+    assert "mfu 12.3%" in line
+    assert "tps 4,210" in line and "lr 8.0e-04" in line and "mem 0.42GiB" in line
+    assert "checkpoint_s 1.5" in line
+    assert "tokens_seen" not in line
+
+
+def test_peak_table_keys_match_the_contract():
+    assert {"H100", "H200", "A100", "B200"} <= set(metrics.PEAK_BF16_FLOPS)
+    assert metrics.PEAK_BF16_FLOPS["H100"] == 989.4e12
+
+
+def test_device_peak_flops_unknown_gpu_warns_and_measures_bf16(monkeypatch, caplog):
+    calls = []
+
+    def fake_rate(device, dtype, size, threads):
+        calls.append(dtype)
+        return 123e12
+
+    monkeypatch.setattr(
+        torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090"
+    )
+    monkeypatch.setattr(metrics, "_measured_rate", fake_rate)
+    with caplog.at_level(logging.WARNING, logger="titan"):
+        rate, description = device_peak_flops(torch.device("cuda", 0))
+    assert (rate, calls) == (123e12, [torch.bfloat16])
+    assert "measured bf16" in description and "RTX 4090" in description
+    assert "PEAK_BF16_FLOPS" in caplog.text
