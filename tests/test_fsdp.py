@@ -55,6 +55,17 @@ def test_fsdp_matches_single_process(tmp_path, reference, nproc, extra):
     assert losses(tmp_path) == pytest.approx(reference, rel=1e-5, abs=0)
 
 
+def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path, reference):
+    """CPU twin of the GPU default: bf16 params and compute, fp32 gradient reduction."""
+    args = [*FAST, *GLOBAL, "--training.local_batch_size", "4", "--training.steps", "2"]
+    args += ["--training.mixed_precision_param", "bfloat16", "--job.dump_folder", str(tmp_path)]
+    proc = run_cli(args, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = losses(tmp_path)
+    assert curve[0] != reference[0]  # bf16 really ran
+    assert curve == pytest.approx(reference[:2], rel=1e-2)
+
+
 def test_impossible_layout_is_refused_before_work(tmp_path):
     proc = run_cli(
         [

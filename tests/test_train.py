@@ -46,6 +46,32 @@ def test_debugmodel_learns_on_embedded_data(tmp_path):
     assert any((dump / "tb").iterdir())
 
 
+def test_bf16_on_cpu_tracks_fp32(tmp_path):
+    """CPU twin of the GPU's default bf16 path (autocast in one process)."""
+    args = ["--training.steps", "2", "--training.seq_len", "32", "--metrics.log_freq", "1"]
+    args += ["--metrics.no_enable_tensorboard"]
+    fp32 = run(
+        [
+            *args,
+            "--job.dump_folder",
+            str(tmp_path / "a"),
+            "--training.mixed_precision_param",
+            "float32",
+        ]
+    )
+    bf16 = run(
+        [
+            *args,
+            "--job.dump_folder",
+            str(tmp_path / "b"),
+            "--training.mixed_precision_param",
+            "bfloat16",
+        ]
+    )
+    assert bf16["first_loss"] != fp32["first_loss"]  # bf16 really ran
+    assert bf16["first_loss"] == pytest.approx(fp32["first_loss"], rel=1e-2)
+
+
 def test_new_run_keeps_the_previous_runs_files(tmp_path):
     dump = tmp_path / "run"
     args = ["--job.dump_folder", str(dump), "--training.steps", "1", "--training.seq_len", "32"]

@@ -27,7 +27,7 @@ from titan_core.distributed import Runtime, init_process_group, runtime_from_env
 from titan_core.errors import UserError
 from titan_core.metrics import MetricsLogger, device_peak_flops, memory_gib
 from titan_core.optim import build_lr_scheduler, build_optimizer
-from titan_core.parallel import ParallelDims, check_supported
+from titan_core.parallel import ParallelDims, ParallelMesh, check_supported
 from titan_core.precision import param_and_reduce_dtypes
 from titan_core.train_spec import TrainSpec, get_train_spec
 
@@ -147,7 +147,7 @@ class Trainer:
             archive_previous_run(dump)
             (dump / "config.toml").write_text(to_toml(self.config), encoding="utf-8")
 
-    def build_mesh(self) -> Any:
+    def build_mesh(self) -> ParallelMesh | None:
         if self.runtime.world_size == 1:
             return None
         return self.dims.build_mesh(self.runtime.device.type)
@@ -252,7 +252,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.mesh is not None:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=self.mesh["dp_cp"].get_group())
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=self.mesh.get("dp_cp").get_group())
         return loss.item(), grad_norm.item()
 
     # ---- the loop ----------------------------------------------------------------------

@@ -100,16 +100,36 @@ class ParallelDims:
     def fsdp_enabled(self) -> bool:
         return self.dp_shard * self.cp > 1
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
+    def build_mesh(self, device_type: str) -> ParallelMesh:
         """The world mesh with every named dimension and the flattened views (module doc)."""
         sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
-        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
-        # NOTE: _flatten is the only way to get a named group over several dimensions; torch
-        # keeps it stable for exactly this use (torchtitan relies on it too).
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        return mesh
+        world = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
+        # NOTE: a flattened view is kept here rather than sliced from the world mesh again
+        # later; torch deprecates re-slicing flattened dimensions from the root.
+        views = {
+            "dp": world["dp_replicate", "dp_shard"]._flatten("dp"),
+            "dp_shard_cp": world["dp_shard", "cp"]._flatten("dp_shard_cp"),
+            "dp_cp": world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+        }
+        return ParallelMesh(world=world, views=views)
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The world mesh and its flattened views; ``get`` returns either by name."""
+
+    world: DeviceMesh
+    views: dict[str, DeviceMesh]
+
+    @property
+    def device_type(self) -> str:
+        return self.world.device_type
+
+    def get(self, *names: str) -> DeviceMesh:
+        """A flattened view (``dp``, ``dp_shard_cp``, ``dp_cp``) or a slice of named dims."""
+        if len(names) == 1 and names[0] in self.views:
+            return self.views[names[0]]
+        return self.world[names]
 
 
 def check_supported(dims: ParallelDims) -> None:

@@ -1,0 +1,40 @@
+"""GPU tier: the same training on CUDA (bf16 by default, NCCL under torchrun). Skipped on CPU;
+their CPU twins are the bf16 tests in test_train.py / test_fsdp.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import losses, read_metrics, run_cli
+
+pytestmark = pytest.mark.gpu
+
+
+def test_debugmodel_trains_on_one_gpu_in_bf16(tmp_path):
+    proc = run_cli(
+        ["--job.dump_folder", str(tmp_path), "--training.steps", "30", "--metrics.log_freq", "1"]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = losses(tmp_path)
+    assert curve[0] - curve[-1] > 1.0
+    last = read_metrics(tmp_path)[-1]
+    assert 0 < last["mfu"] < 1 and last["memory_gib"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fsdp_nccl_matches_one_gpu_fp32(tmp_path):
+    common = [
+        "--training.steps", "6", "--training.seq_len", "128", "--metrics.log_freq", "1",
+        "--training.mixed_precision_param", "float32", "--training.global_batch_size", "8",
+        "--training.deterministic",
+    ]  # fmt: skip
+    one = run_cli(
+        [*common, "--training.local_batch_size", "8", "--job.dump_folder", str(tmp_path / "a")]
+    )
+    two = run_cli(
+        [*common, "--training.local_batch_size", "4", "--job.dump_folder", str(tmp_path / "b")],
+        nproc=2,
+    )
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-4)
