@@ -53,6 +53,7 @@ def test_fsdp_matches_single_process(tmp_path, reference, nproc, extra):
     proc = run_cli([*FAST, *GLOBAL, *extra, "--job.dump_folder", str(tmp_path)], nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(tmp_path) == pytest.approx(reference, rel=1e-5, abs=0)
+    assert proc.stderr.count("step    1 ") == 1  # only rank 0 prints
 
 
 def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path, reference):
