@@ -11,7 +11,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "dist"]
 VENV = os.environ.get("TITAN_NOX_VENV") == "1"
 PACKAGES = ["-e", "packages/titan-core", "-e", "packages/titan-llama3"]
 
@@ -30,9 +30,16 @@ def _install(session: nox.Session) -> None:
 
 @nox.session(python=None if VENV else False)
 def tests(session: nox.Session) -> None:
-    """The whole test suite on CPU (unit, training, distributed with gloo)."""
+    """Unit and single-process training tests (CPU)."""
     _install(session)
-    session.run("python", "-m", "pytest", *(session.posargs or ["tests"]))
+    session.run("python", "-m", "pytest", "-m", "not distributed", *(session.posargs or ["tests"]))
+
+
+@nox.session(python=None if VENV else False)
+def dist(session: nox.Session) -> None:
+    """Distributed tests: torchrun with 2-4 gloo processes on CPU, incl. the parity matrix."""
+    _install(session)
+    session.run("python", "-m", "pytest", "-m", "distributed", *(session.posargs or ["tests"]))
 
 
 @nox.session(python=None if VENV else False)

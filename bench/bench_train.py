@@ -45,7 +45,7 @@ def build_hf(trainer: Trainer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     a = trainer.model_args
-    hidden = trainer.model.layers["0"].feed_forward.w1.out_features
+    hidden = trainer.model_parts[0].layers["0"].feed_forward.w1.out_features
     config = LlamaConfig(
         vocab_size=a.vocab_size,
         hidden_size=a.dim,
@@ -61,7 +61,7 @@ def build_hf(trainer: Trainer):
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).train()
-    n_ours = sum(p.numel() for p in trainer.model.parameters())
+    n_ours = sum(p.numel() for p in trainer.model_parts[0].parameters())
     n_hf = sum(p.numel() for p in model.parameters())
     assert n_ours == n_hf, f"model sizes differ: ours {n_ours}, transformers {n_hf}"
     cfg = trainer.config.optimizer

@@ -18,3 +18,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def reference_losses(tmp_path_factory):
+    """Single-process loss curve of the parity runs (FAST settings, global batch 8)."""
+    from helpers import FAST, losses, run_cli
+
+    dump = tmp_path_factory.mktemp("reference")
+    args = [*FAST, "--training.global_batch_size", "8", "--training.local_batch_size", "8"]
+    proc = run_cli([*args, "--job.dump_folder", str(dump)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = losses(dump)
+    assert len(curve) == 8 and curve[0] - curve[-1] > 0.2  # it learns, so a frozen model fails
+    return curve

@@ -15,20 +15,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 GLOBAL = ["--training.global_batch_size", "8"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    dump = tmp_path_factory.mktemp("ref")
-    proc = run_cli(
-        [*FAST, *GLOBAL, "--training.local_batch_size", "8", "--job.dump_folder", str(dump)]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    curve = losses(dump)
-    assert (
-        len(curve) == 8 and curve[0] - curve[-1] > 0.2
-    )  # it learns, so a frozen model would not match
-    return curve
-
-
 @pytest.mark.parametrize(
     "nproc, extra",
     [
@@ -49,22 +35,22 @@ def reference(tmp_path_factory):
     ],
     ids=["fsdp2", "fsdp4", "fsdp2-accum2", "hsdp2x2"],
 )
-def test_fsdp_matches_single_process(tmp_path, reference, nproc, extra):
+def test_fsdp_matches_single_process(tmp_path, reference_losses, nproc, extra):
     proc = run_cli([*FAST, *GLOBAL, *extra, "--job.dump_folder", str(tmp_path)], nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert losses(tmp_path) == pytest.approx(reference, rel=1e-5, abs=0)
+    assert losses(tmp_path) == pytest.approx(reference_losses, rel=1e-5, abs=0)
     assert proc.stderr.count("step    1 ") == 1  # only rank 0 prints
 
 
-def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path, reference):
+def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path, reference_losses):
     """CPU twin of the GPU default: bf16 params and compute, fp32 gradient reduction."""
     args = [*FAST, *GLOBAL, "--training.local_batch_size", "4", "--training.steps", "2"]
     args += ["--training.mixed_precision_param", "bfloat16", "--job.dump_folder", str(tmp_path)]
     proc = run_cli(args, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = losses(tmp_path)
-    assert curve[0] != reference[0]  # bf16 really ran
-    assert curve == pytest.approx(reference[:2], rel=1e-2)
+    assert curve[0] != reference_losses[0]  # bf16 really ran
+    assert curve == pytest.approx(reference_losses[:2], rel=1e-2)
 
 
 def test_impossible_layout_is_refused_before_work(tmp_path):

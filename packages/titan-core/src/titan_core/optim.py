@@ -12,8 +12,8 @@ from titan_core.config.job_config import LRScheduler, Optimizer
 from titan_core.errors import UserError
 
 
-def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
-    """AdamW (decoupled decay) or Adam over every trainable parameter."""
+def build_optimizer(parts: list[nn.Module], cfg: Optimizer) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay) or Adam over every trainable parameter of the model parts."""
     classes = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
     if cfg.name not in classes:
         raise UserError(f"optimizer.name: '{cfg.name}' is not one of {', '.join(classes)}")
@@ -24,7 +24,7 @@ def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
         "foreach": {"foreach": True},
         "for-loop": {"foreach": False},
     }[cfg.implementation]
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for part in parts for p in part.parameters() if p.requires_grad]
     return classes[cfg.name](
         params,
         lr=cfg.lr,

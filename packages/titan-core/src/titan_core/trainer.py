@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor.parallel import loss_parallel
 
 from titan_core.config import JobConfig, to_toml
 from titan_core.data import GlobalBatchLoader, Tokenizer, load_tokenizer
@@ -27,7 +28,16 @@ from titan_core.distributed import Runtime, init_process_group, runtime_from_env
 from titan_core.errors import UserError
 from titan_core.metrics import MetricsLogger, device_peak_flops, memory_gib
 from titan_core.optim import build_lr_scheduler, build_optimizer
-from titan_core.parallel import ParallelDims, ParallelMesh, check_supported
+from titan_core.parallel import (
+    ParallelDims,
+    ParallelMesh,
+    check_supported,
+    compile_loss,
+    isolate_compile_cache,
+    validate_layout,
+)
+from titan_core.parallel.activation_checkpoint import parse_every_n
+from titan_core.parallel.grad_norm import clip_grad_norm_
 from titan_core.precision import param_and_reduce_dtypes
 from titan_core.train_spec import TrainSpec, get_train_spec
 
@@ -61,10 +71,13 @@ def validate_training(config: JobConfig, dims: ParallelDims) -> int:
         raise UserError(
             "checkpoint.enable: checkpointing is not available in this release yet; drop the flag"
         )
-    if config.activation_checkpoint.mode != "none" or config.compile.enable:
+    if config.activation_checkpoint.mode == "selective":
+        parse_every_n(config.activation_checkpoint.selective_ac_option)
+    unknown = set(config.compile.components) - {"model", "loss"}
+    if unknown:
         raise UserError(
-            "activation_checkpoint.mode / compile.enable: not available in this release yet; "
-            "leave them at their defaults"
+            f"compile.components: unknown {sorted(unknown)}; use model and/or loss "
+            "(e.g. --compile.components model,loss)"
         )
     if config.model.converters:
         raise UserError(
@@ -80,6 +93,16 @@ def validate_training(config: JobConfig, dims: ParallelDims) -> int:
             f" = {per_step} (or -1)"
         )
     return global_batch
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy, computed in fp32: (B, S, V) logits, (B, S) labels."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def as_local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a (replicated) DTensor such as a loss-parallel loss."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def archive_previous_run(dump: Path) -> None:
@@ -106,8 +129,9 @@ class Trainer:
         self.prepare_dump_folder()
         init_process_group(self.runtime, config.comm.init_timeout_seconds)
         self.mesh = self.build_mesh()
-        self.model = self.build_model()
-        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.loss_fn = self.build_loss_fn()
+        self.model_parts = self.build_model()
+        self.optimizer = build_optimizer(self.model_parts, config.optimizer)
         self.scheduler = build_lr_scheduler(
             self.optimizer, config.lr_scheduler, config.training.steps
         )
@@ -123,7 +147,10 @@ class Trainer:
         self.model_args = resolve_model_args(self.spec, c)
         self.dims = ParallelDims.from_config(c.parallelism, self.runtime.world_size)
         check_supported(self.dims)
+        validate_layout(self.dims, c, self.model_args)
         self.global_batch_size = validate_training(c, self.dims)
+        if self.dims.pp > 1:
+            self.check_pipeline()
         self.tokenizer: Tokenizer = load_tokenizer(c.model.hf_assets_path)
         vocab = getattr(self.model_args, "vocab_size", None)
         if vocab is not None and self.tokenizer.vocab_size > vocab:
@@ -152,8 +179,39 @@ class Trainer:
             return None
         return self.dims.build_mesh(self.runtime.device.type)
 
-    def build_model(self) -> nn.Module:
-        """Build on meta, count, then initialise and parallelise (see NOTE for the order)."""
+    def check_pipeline(self) -> None:
+        """Schedule name, layer split and microbatch count, before any process starts work."""
+        from titan_core.parallel.pipeline import layer_split, schedule_class, stages_per_rank
+
+        p = self.config.parallelism
+        if self.spec.pipelining_fn is None:
+            raise UserError(
+                f"parallelism.pipeline_parallel_degree={self.dims.pp}: model "
+                f"'{self.spec.name}' does not support pipeline parallel; leave it at 1"
+            )
+        schedule_class(p.pipeline_parallel_schedule)
+        n_stages = self.dims.pp * stages_per_rank(p.pipeline_parallel_schedule)
+        layer_split(self.model_args.n_layers, n_stages, p.pipeline_parallel_layers_per_stage)
+
+    def build_loss_fn(self) -> Any:
+        c = self.config.compile
+        if c.enable and self.runtime.world_size > 1:
+            isolate_compile_cache(self.runtime.rank)
+        if c.enable and "loss" in c.components:
+            if self.dims.tp > 1 and not self.config.parallelism.disable_loss_parallel:
+                # NOTE: a compiled loss-parallel cross entropy failed on the second TP group
+                # ("Could not resolve the process group registered under the name ..."); the
+                # loss then runs eagerly on its vocab shards, as DTensor ops.
+                logger.warning("compile.components: the loss is not compiled under loss parallel")
+                return cross_entropy_loss
+            return compile_loss(cross_entropy_loss)
+        return cross_entropy_loss
+
+    def build_model(self) -> list[nn.Module]:
+        """Build on meta, count, then initialise, split into pipeline stages and parallelise.
+
+        Returns this rank's model parts: the whole model, or its pipeline stages.
+        """
         with torch.device("meta"):
             model = self.spec.model_cls(self.model_args)
         self.num_params = sum(p.numel() for p in model.parameters())
@@ -161,16 +219,20 @@ class Trainer:
         seq_len = self.config.training.seq_len
         self.flops_per_token = fpt(self.model_args, self.num_params, seq_len) if fpt else 0.0
         device = self.runtime.device
-        # NOTE: on CPU the full model is initialised before sharding, so every layout starts
-        # from the same weights (DTensor's sharded RNG is only layout-independent on CUDA). On
-        # GPU the model stays on meta until sharded, so no rank ever holds all of it.
-        if device.type == "cpu":
+        # NOTE: on CPU the full model is initialised before it is split and sharded, so every
+        # layout starts from the same weights (DTensor's sharded RNG is only layout-independent
+        # on CUDA). On GPU the model stays on meta until sharded: no rank ever holds all of it.
+        on_cpu = device.type == "cpu"
+        if on_cpu:
             self._materialize(model, device)
-            self.spec.parallelize_fn(model, self.dims, self.mesh, self.config)
-        else:
-            self.spec.parallelize_fn(model, self.dims, self.mesh, self.config)
-            self._materialize(model, device)
-        model.train()
+        self.pipeline = self.build_pipeline(model) if self.dims.pp > 1 else None
+        parts = self.pipeline.model_parts if self.pipeline else [model]
+        if self.pipeline is None:
+            self._parallelize(model)
+        for part in parts:
+            if not on_cpu:
+                self._materialize(part, device)
+            part.train()
         logger.info(
             "model %s %s: %s parameters, %.3g training FLOPs/token",
             self.config.model.name,
@@ -178,7 +240,23 @@ class Trainer:
             f"{self.num_params:,}",
             self.flops_per_token,
         )
-        return model
+        return parts
+
+    def _parallelize(self, part: nn.Module) -> None:
+        self.spec.parallelize_fn(part, self.dims, self.mesh, self.config)
+
+    def build_pipeline(self, model: nn.Module) -> Any:
+        p, t = self.config.parallelism, self.config.training
+        return self.spec.pipelining_fn(
+            model,
+            pp_mesh=self.mesh.get("pp"),
+            schedule_name=p.pipeline_parallel_schedule,
+            n_microbatches=t.local_batch_size // p.pipeline_parallel_microbatch_size,
+            layers_per_stage=p.pipeline_parallel_layers_per_stage,
+            loss_fn=self.loss_fn,
+            device=self.runtime.device,
+            parallelize_part=self._parallelize,
+        )
 
     def _materialize(self, model: nn.Module, device: torch.device) -> None:
         model.to_empty(device=device)
@@ -222,15 +300,26 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.runtime.device.type, dtype=self.param_dtype)
 
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """Loss parallel: the cross entropy runs on vocab-sharded logits (TP, unless disabled)."""
+        if self.dims.tp > 1 and not self.config.parallelism.disable_loss_parallel:
+            return loss_parallel()
+        return contextlib.nullcontext()
+
     def forward_backward(
         self, inputs: torch.Tensor, labels: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """Loss of one microbatch (mean over its tokens); backward of ``loss * scale``."""
+        if self.pipeline is not None:
+            with self.loss_context():
+                return self.pipeline.step(inputs, labels, loss_scale=scale)
+        (model,) = self.model_parts
         with self.autocast():
-            logits = self.model(inputs)  # (B, S, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        (loss * scale).backward()
-        return loss.detach()
+            logits = model(inputs)  # (B, S, V)
+        with self.loss_context():
+            loss = self.loss_fn(logits, labels)
+            (loss * scale).backward()
+        return as_local(loss.detach())
 
     def train_step(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -240,20 +329,37 @@ class Trainer:
         device = self.runtime.device
         loss = torch.zeros((), device=device)
         for i, (inputs, labels) in enumerate(microbatches):
-            if hasattr(self.model, "set_requires_gradient_sync"):
-                # Reduce gradients across ranks only after the last microbatch.
-                self.model.set_requires_gradient_sync(i == n - 1)
-            loss += self.forward_backward(inputs.to(device), labels.to(device), 1.0 / n) / n
+            for part in self.model_parts:
+                if hasattr(part, "set_requires_gradient_sync"):
+                    # Reduce gradients across ranks only after the last microbatch.
+                    part.set_requires_gradient_sync(i == n - 1)
+            inputs, labels = self.shard_sequence(inputs.to(device), labels.to(device))
+            loss += self.forward_backward(inputs, labels, 1.0 / n) / n
         max_norm = self.config.training.max_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        pp_mesh = self.mesh.get("pp") if self.pipeline is not None else None
+        grad_norm = clip_grad_norm_(self.model_parts, max_norm, pp_mesh)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.mesh is not None:
+            if self.pipeline is not None:  # only the last stage holds the loss
+                dist.all_reduce(loss, group=self.mesh.get("pp").get_group())
             dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=self.mesh.get("dp_cp").get_group())
         return loss.item(), grad_norm.item()
+
+    def shard_sequence(
+        self, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context parallel: keep this rank's load-balanced positions of the sequence."""
+        if self.dims.cp == 1:
+            return inputs, labels
+        from titan_core.parallel.context import load_balanced_positions
+
+        cp_mesh = self.mesh.get("cp")
+        positions = load_balanced_positions(
+            inputs.shape[1], self.dims.cp, cp_mesh.get_local_rank()
+        ).to(inputs.device)
+        return inputs[:, positions], labels[:, positions]
 
     # ---- the loop ----------------------------------------------------------------------
 

@@ -63,12 +63,14 @@ class Transformer(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the embedding table with the output projection when the args say so."""
-        if self.args.tie_word_embeddings:
+        if self.args.tie_word_embeddings and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # NOTE: the sequence length is read from the input, not from h: under sequence parallel
+        # h holds only this rank's slice of the sequence, but attention sees all of it.
+        rope = self.rope(tokens.shape[1])
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        rope = self.rope(h.shape[1])
         for layer in self.layers.values():
             h = layer(h, rope)
         h = self.norm(h) if self.norm is not None else h

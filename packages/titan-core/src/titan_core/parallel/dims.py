@@ -11,10 +11,11 @@ cp, tp`` (size-1 dimensions included, so every name always exists), plus flatten
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from titan_core.config.job_config import Parallelism
+from titan_core.config.job_config import JobConfig, Parallelism
 from titan_core.errors import UserError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -125,6 +126,16 @@ class ParallelMesh:
     def device_type(self) -> str:
         return self.world.device_type
 
+    def fsdp_mesh(self, dims: ParallelDims) -> DeviceMesh:
+        """FSDP's mesh: ``dp_shard_cp``, or 2-D ``(dp_replicate, dp_shard_cp)`` for HSDP."""
+        if dims.dp_replicate == 1:
+            return self.views["dp_shard_cp"]
+        if dims.cp == 1:
+            return self.world["dp_replicate", "dp_shard"]
+        # NOTE: HSDP with CP slices a flattened dimension from the root, which torch warns it
+        # will deprecate; no other public route builds this 2-D mesh yet.
+        return self.world["dp_replicate", "dp_shard_cp"]
+
     def get(self, *names: str) -> DeviceMesh:
         """A flattened view (``dp``, ``dp_shard_cp``, ``dp_cp``) or a slice of named dims."""
         if len(names) == 1 and names[0] in self.views:
@@ -134,15 +145,40 @@ class ParallelMesh:
 
 def check_supported(dims: ParallelDims) -> None:
     """Refuse the degrees this release does not implement yet, naming the key."""
-    pending = {
-        "tensor_parallel_degree": dims.tp,
-        "pipeline_parallel_degree": dims.pp,
-        "context_parallel_degree": dims.cp,
-        "expert_parallel_degree": dims.ep,
-    }
-    for key, degree in pending.items():
-        if degree != 1:
+    if dims.ep != 1:
+        raise UserError(
+            f"parallelism.expert_parallel_degree={dims.ep}: expert parallel needs an MoE model, "
+            "and none is available in this release; leave it at 1"
+        )
+
+
+def validate_layout(dims: ParallelDims, config: JobConfig, model_args: Any) -> None:
+    """Check the degrees against the model and the batch, naming the keys and the numbers."""
+    p, t = config.parallelism, config.training
+    for attr in ("n_heads", "n_kv_heads"):
+        heads = getattr(model_args, attr, None)
+        if heads is not None and heads % dims.tp:
             raise UserError(
-                f"parallelism.{key}={degree}: not supported yet in this release; "
-                "use FSDP/HSDP (data_parallel_*_degree) and leave it at 1"
+                f"parallelism.tensor_parallel_degree={dims.tp} does not divide the model's "
+                f"{attr}={heads} ({config.model.name} {config.model.flavor}); pick a divisor"
             )
+    if dims.cp > 1 and t.seq_len % (2 * dims.cp * dims.tp):
+        raise UserError(
+            f"training.seq_len={t.seq_len} must be divisible by 2 x context_parallel_degree x "
+            f"tensor_parallel_degree = {2 * dims.cp * dims.tp} (load-balanced chunks); change it"
+        )
+    if dims.tp > 1 and t.seq_len % dims.tp:
+        raise UserError(
+            f"training.seq_len={t.seq_len} must be divisible by tensor_parallel_degree={dims.tp} "
+            "(sequence parallel shards it)"
+        )
+    if dims.pp > 1 and t.local_batch_size % p.pipeline_parallel_microbatch_size:
+        raise UserError(
+            f"parallelism.pipeline_parallel_microbatch_size={p.pipeline_parallel_microbatch_size}"
+            f" does not divide training.local_batch_size={t.local_batch_size}; pick a divisor"
+        )
+    if p.enable_async_tensor_parallel and (dims.tp == 1 or not config.compile.enable):
+        raise UserError(
+            "parallelism.enable_async_tensor_parallel needs tensor_parallel_degree > 1 and "
+            "--compile.enable (its overlap is a compiler pass)"
+        )

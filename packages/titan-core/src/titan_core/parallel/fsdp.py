@@ -15,6 +15,7 @@ def apply_fsdp(
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype,
     reshard_after_forward: str,
+    pipelined: bool = False,
 ) -> None:
     """Shard each block of ``model.layers``, then the root (embeddings, final norm, output).
 
@@ -24,13 +25,15 @@ def apply_fsdp(
         param_dtype: dtype parameters are gathered and computed in.
         reduce_dtype: dtype of the gradient reduce-scatter/all-reduce.
         reshard_after_forward: ``always``, ``never``, or ``default`` (every block but the last,
-            whose parameters backward needs right away).
+            whose parameters backward needs right away; never under pipeline parallel, where
+            each microbatch would gather every block again).
+        pipelined: the model is a pipeline stage.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         if reshard_after_forward == "default":
-            reshard = i < len(blocks) - 1
+            reshard = not pipelined and i < len(blocks) - 1
         else:
             reshard = reshard_after_forward == "always"
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
