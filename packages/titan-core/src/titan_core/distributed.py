@@ -48,6 +48,19 @@ def init_process_group(runtime: Runtime, timeout_s: int) -> None:
     )
 
 
+def set_collective_timeout(timeout_s: int, groups: list[dist.ProcessGroup]) -> None:
+    """Tighten the collective timeout once training runs (the first steps may compile or load
+    slowly): a rank that dies then fails its peers within ``timeout_s`` instead of hanging."""
+    if not dist.is_initialized():
+        return
+    # NOTE: a private setter; torch offers no public way to change a group's timeout.
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    for group in [None, *groups]:
+        _set_pg_timeout(timeout, group)
+
+
 def destroy_process_group() -> None:
     """Leave the group together: a gloo rank tearing down while a peer is still sending aborts
     the process ("terminate called without an active exception")."""

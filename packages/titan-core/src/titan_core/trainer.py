@@ -24,7 +24,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from titan_core.config import JobConfig, to_toml
 from titan_core.data import GlobalBatchLoader, Tokenizer, load_tokenizer
-from titan_core.distributed import Runtime, init_process_group, runtime_from_env
+from titan_core.distributed import (
+    Runtime,
+    init_process_group,
+    runtime_from_env,
+    set_collective_timeout,
+)
 from titan_core.errors import UserError
 from titan_core.metrics import MetricsLogger, device_peak_flops, memory_gib
 from titan_core.optim import build_lr_scheduler, build_optimizer
@@ -373,6 +378,9 @@ class Trainer:
         for self.step in range(1, t.steps + 1):
             lr = self.scheduler.get_last_lr()[0]
             loss, grad_norm = self.train_step(self.loader.next_batch())
+            if self.step == 1 and self.mesh is not None:
+                groups = self.mesh.world.get_all_groups()
+                set_collective_timeout(self.config.comm.train_timeout_seconds, groups)
             first_loss = loss if self.step == 1 else first_loss
             window_tokens += tokens_per_step_local
             if self.step % self.config.metrics.log_freq == 0 or self.step in (1, t.steps):

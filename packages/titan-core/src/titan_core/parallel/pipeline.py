@@ -58,7 +58,7 @@ SCHEDULES: tuple[str, ...] = tuple(name for name in _WANTED if _installed(name))
 
 def _canonical(name: str) -> str:
     """The SCHEDULES spelling of ``name`` (matched case-insensitively, as torch does)."""
-    for known in SCHEDULES[:3]:
+    for known in SCHEDULES:
         if known.lower() == name.lower():
             return known
     raise UserError(
@@ -267,7 +267,7 @@ class MicrobatchLoss:
         self.loss_scale = 1.0  # set by Pipeline.step for each call
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return self.loss_fn(logits, labels) * (self.loss_scale / self.n_microbatches)
+        return self.loss_fn(logits, labels) * self.loss_scale
 
 
 @dataclass
