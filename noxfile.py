@@ -53,6 +53,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=None if VENV else False)
 def bench(session: nox.Session) -> None:
-    """Benchmarks (not tests): prints ratios against references measured in the same run."""
+    """Benchmarks (not tests): ratios against references measured in the same run.
+
+    ``nox -s bench`` runs them all; ``nox -s bench -- train`` or ``-- parallel`` one of them.
+    """
     _install(session)
-    session.run("python", "bench/bench_train.py", *session.posargs)
+    which = session.posargs or ["train", "parallel"]
+    for name in which:
+        session.run("python", f"bench/bench_{name}.py")

@@ -22,10 +22,10 @@ from torch import nn
 from helpers import REPO
 from titan_core.errors import UserError
 from titan_core.parallel import pipeline
+from titan_core.parallel.grad_norm import clip_grad_norm_
 from titan_core.parallel.pipeline import (
     SCHEDULES,
     check_microbatches,
-    clip_grad_norm_,
     layer_split,
     microbatch_count,
     schedule_class,

@@ -31,6 +31,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from titan_core.parallel import pipeline
+from titan_core.parallel.grad_norm import clip_grad_norm_
 from titan_llama3 import LLAMA3_FLAVORS, Transformer
 
 B, S = 4, 16
@@ -117,7 +118,7 @@ def run(schedule: str, microbatches: int, fsdp: bool) -> None:
 
     # All collectives first, checks after: a failed check on one rank cannot strand the other.
     loss = pipe.step(inputs, labels)
-    norm = pipeline.clip_grad_norm_(parts, math.inf, mesh)
+    norm = clip_grad_norm_(parts, math.inf, mesh)
     full = grads_of(parts)
     sharded = all(isinstance(p.grad, DTensor) for part in parts for p in part.parameters())
     zero()
@@ -125,7 +126,7 @@ def run(schedule: str, microbatches: int, fsdp: bool) -> None:
     half = grads_of(parts)
     pipe.step(inputs, labels, loss_scale=0.5)
     accumulated = grads_of(parts)
-    clip_norm = pipeline.clip_grad_norm_(parts, ref_norm.item() / 2, mesh)
+    clip_norm = clip_grad_norm_(parts, ref_norm.item() / 2, mesh)
     clipped = grads_of(parts)
 
     assert sharded == fsdp, f"DTensor gradients: {sharded}, FSDP applied: {fsdp}"

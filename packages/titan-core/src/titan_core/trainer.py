@@ -186,7 +186,12 @@ class Trainer:
 
     def check_pipeline(self) -> None:
         """Schedule name, layer split and microbatch count, before any process starts work."""
-        from titan_core.parallel.pipeline import layer_split, schedule_class, stages_per_rank
+        from titan_core.parallel.pipeline import (
+            layer_split,
+            microbatch_count,
+            schedule_class,
+            stages_per_rank,
+        )
 
         p = self.config.parallelism
         if self.spec.pipelining_fn is None:
@@ -195,8 +200,19 @@ class Trainer:
                 f"'{self.spec.name}' does not support pipeline parallel; leave it at 1"
             )
         schedule_class(p.pipeline_parallel_schedule)
-        n_stages = self.dims.pp * stages_per_rank(p.pipeline_parallel_schedule)
-        layer_split(self.model_args.n_layers, n_stages, p.pipeline_parallel_layers_per_stage)
+        per_rank = stages_per_rank(p.pipeline_parallel_schedule)
+        layer_split(
+            self.model_args.n_layers,
+            self.dims.pp * per_rank,
+            p.pipeline_parallel_layers_per_stage,
+            stages_per_rank=per_rank,
+        )
+        microbatch_count(
+            p.pipeline_parallel_schedule,
+            self.dims.pp,
+            self.config.training.local_batch_size,
+            p.pipeline_parallel_microbatch_size,
+        )
 
     def build_loss_fn(self) -> Any:
         c = self.config.compile
@@ -398,6 +414,13 @@ class Trainer:
             "dump_folder": os.path.abspath(self.config.job.dump_folder),
         }
 
+    def peak_memory_gib(self) -> float:
+        """The largest peak memory of any rank (ranks of a pipeline or of TP differ)."""
+        peak = torch.tensor(memory_gib(self.runtime.device), device=self.runtime.device)
+        if self.mesh is not None:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return peak.item()
+
     def log_step(
         self, loss: float, grad_norm: float, lr: float, tps: float, elapsed: float
     ) -> None:
@@ -411,7 +434,7 @@ class Trainer:
                 "tps": tps,
                 "tflops": flops / 1e12,
                 "mfu": flops / self.peak_flops if self.peak_flops else 0.0,
-                "memory_gib": memory_gib(self.runtime.device),
+                "memory_gib": self.peak_memory_gib(),
                 "tokens_seen": self.step * self.global_batch_size * self.config.training.seq_len,
                 "time": elapsed,
             }

@@ -5,6 +5,7 @@ Installing this package registers the ``llama3`` model (entry point ``titan.mode
 
 from titan_core import TrainSpec
 from titan_core.metrics import llama_flops_per_token
+from titan_core.parallel.pipeline import build_pipeline
 from titan_llama3.args import LLAMA3_FLAVORS, Llama3Args
 from titan_llama3.model import Transformer
 from titan_llama3.parallelize import parallelize_llama
@@ -23,6 +24,7 @@ train_spec = TrainSpec(
     flavors=LLAMA3_FLAVORS,
     model_cls=Transformer,
     parallelize_fn=parallelize_llama,
+    pipelining_fn=build_pipeline,
     flops_per_token_fn=flops_per_token,
 )
 

@@ -2,40 +2,55 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 
-def _squared_norm(part: nn.Module) -> torch.Tensor:
-    grads = [p.grad for p in part.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    # A DTensor norm (FSDP/TP parameters) is a partial value: full_tensor() reduces it.
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return norm.float() ** 2
-
-
-def clip_grad_norm_(
-    parts: list[nn.Module], max_norm: float, pp_mesh: DeviceMesh | None = None
-) -> torch.Tensor:
-    """Clip to the global 2-norm over all parts on all pipeline ranks; return that norm.
+@torch.no_grad()
+def clip_grad_norm_(parts: list[nn.Module], max_norm: float, pp_mesh: DeviceMesh | None) -> Tensor:
+    """Clip the gradients of all stages on all pipeline ranks by their global 2-norm.
 
     Args:
-        parts: this rank's model parts (the whole model, or its pipeline stages).
-        max_norm: the threshold; ``inf`` only measures.
-        pp_mesh: the pipeline mesh whose ranks hold the other stages, or None.
+        parts: this rank's stage modules (parameters may be DTensors from FSDP/TP).
+        max_norm: the largest allowed total norm; ``inf`` only computes the norm.
+        pp_mesh: the ``pp`` mesh to combine the ranks' norms over, or None for one rank.
+
+    Returns:
+        The total norm before clipping, a plain scalar tensor, equal on every pipeline rank.
     """
-    # NOTE: norms are combined as sums of squares: parameters of different stages live on
-    # different meshes, and torch cannot stack DTensors across meshes.
-    total_sq = sum(_squared_norm(part) for part in parts)
-    device = next(p.device for part in parts for p in part.parameters())
-    total_sq = torch.as_tensor(total_sq, device=device)
-    if pp_mesh is not None:
-        dist.all_reduce(total_sq, group=pp_mesh.get_group())
+    groups = _grads_by_mesh(parts)
+    device = next((p.device for part in parts for p in part.parameters()), torch.device("cpu"))
+    total_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        total_sq = total_sq + norm.float().to(device) ** 2
+    if pp_mesh is not None and pp_mesh.size() > 1:
+        # NOTE: combined by hand: each rank's norm comes from its own meshes, and stacking
+        # DTensors of different meshes (what torch's clip_grad_norm_ would do) fails.
+        dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=pp_mesh.get_group())
     total = total_sq.sqrt()
-    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
-    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+    if math.isfinite(max_norm):
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grads in groups.values():
+            local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+            torch._foreach_mul_(local, coef.to(local[0].device))
     return total
+
+
+def _grads_by_mesh(parts: list[nn.Module]) -> dict[Any, list[Tensor]]:
+    """Gradients grouped by DTensor mesh (None for plain tensors): norms combine per group."""
+    groups: dict[Any, list[Tensor]] = {}
+    for part in parts:
+        for p in part.parameters():
+            if p.grad is not None:
+                mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+                groups.setdefault(mesh, []).append(p.grad)
+    return groups
