@@ -94,6 +94,12 @@ def test_rope_matches_direct_rotation():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_rope_takes_the_first_rows_of_longer_tables():
+    rope = RoPE(8, 32, 10000.0)
+    x = torch.randn(2, 5, 3, 8)
+    torch.testing.assert_close(apply_rope(x, *rope(32)), apply_rope(x, *rope(5)), rtol=0, atol=0)
+
+
 def test_rope_is_relative():
     # <R(m) q, R(n) k> depends only on m - n.
     rope = RoPE(16, 12, 500000.0)

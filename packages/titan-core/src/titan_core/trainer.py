@@ -333,7 +333,7 @@ class Trainer:
         """Loss of one microbatch (mean over its tokens); backward of ``loss * scale``."""
         if self.pipeline is not None:
             with self.loss_context():
-                return self.pipeline.step(inputs, labels, loss_scale=scale)
+                return as_local(self.pipeline.step(inputs, labels, loss_scale=scale))
         (model,) = self.model_parts
         with self.autocast():
             logits = model(inputs)  # (B, S, V)

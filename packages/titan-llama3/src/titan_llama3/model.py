@@ -67,9 +67,10 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # NOTE: the sequence length is read from the input, not from h: under sequence parallel
-        # h holds only this rank's slice of the sequence, but attention sees all of it.
-        rope = self.rope(tokens.shape[1])
+        # NOTE: the tables cover the whole training sequence and attention takes the rows it
+        # needs: under sequence parallel, a block's input (and a pipeline stage's) holds only
+        # this rank's slice of the sequence, while attention sees all of it.
+        rope = self.rope(self.args.max_seq_len)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, rope)

@@ -93,7 +93,12 @@ class Llama3RoPE(RoPE):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` (B, S, H, D) by the angles in ``cos``/``sin`` (S, D/2)."""
+    """Rotate interleaved pairs of ``x`` (B, S, H, D) by the angles of its positions.
+
+    ``cos``/``sin`` are (S', D/2) tables with S' >= S; position ``s`` of ``x`` uses row ``s``.
+    """
+    seq_len = x.shape[1]
+    cos, sin = cos[:seq_len], sin[:seq_len]
     x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
     x1, x2 = x_pairs[..., 0], x_pairs[..., 1]
     cos = cos[None, :, None, :]  # (1, S, 1, D/2)

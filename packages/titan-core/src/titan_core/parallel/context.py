@@ -88,14 +88,9 @@ class ContextParallelRoPE(nn.Module):
         """The (cos, sin) rows of this rank's positions, each (S_local, D/2).
 
         Args:
-            seq_len: local sequence length the model sees; must equal ``len(positions)``.
+            seq_len: the full sequence length (unused: this rank's rows are fixed); the
+                attention checks that its inputs hold exactly these positions.
         """
-        if seq_len != self.positions.numel():
-            raise ValueError(
-                f"context parallel RoPE got a local sequence of {seq_len} tokens but this rank "
-                f"holds {self.positions.numel()} positions; shard the inputs with the positions "
-                "apply_context_parallel returned"
-            )
         cos, sin = self.inner(self._span)
         return cos.index_select(0, self.positions), sin.index_select(0, self.positions)
 
