@@ -53,16 +53,30 @@ def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path, reference_losses):
     assert curve == pytest.approx(reference_losses[:2], rel=1e-2)
 
 
-def test_impossible_layout_is_refused_before_work(tmp_path):
-    proc = run_cli(
-        [
-            *FAST,
-            "--parallelism.data_parallel_shard_degree",
-            "3",
-            "--job.dump_folder",
-            str(tmp_path),
-        ],
-        nproc=2,
-    )
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--parallelism.data_parallel_shard_degree", "3"], "the world size is 2"),
+        (
+            [
+                "--parallelism.pipeline_parallel_degree",
+                "2",
+                "--parallelism.pipeline_parallel_schedule",
+                "Zigzag",
+            ],
+            "parallelism.pipeline_parallel_schedule: 'Zigzag'",
+        ),
+        (
+            ["--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "63"],
+            "training.seq_len=63",
+        ),
+    ],
+    ids=["world-size", "unknown-schedule", "seq-len"],
+)
+def test_impossible_layout_is_refused_before_work(tmp_path, extra, needle):
+    proc = run_cli([*FAST, *extra, "--job.dump_folder", str(tmp_path / "o")], nproc=2)
     assert proc.returncode != 0
-    assert "the world size is 2" in proc.stderr
+    assert needle in proc.stderr
+    assert "titan-train: error:" in proc.stderr
+    assert "]: Traceback" not in proc.stderr  # no worker traceback, only the launcher's summary
+    assert not (tmp_path / "o").exists()  # refused before the dump folder was touched

@@ -43,6 +43,14 @@ LAYOUTS = {
         f"{P}context_parallel_degree", "2", f"{P}tensor_parallel_degree", "2",
         "--training.local_batch_size", "8",
     ],
+    "ddp4": [
+        f"{P}data_parallel_replicate_degree", "4", f"{P}data_parallel_shard_degree", "1",
+        "--training.local_batch_size", "2",
+    ],
+    "pp2-fsdp2-1F1B-accum2": [
+        f"{P}pipeline_parallel_degree", "2", f"{P}pipeline_parallel_schedule", "1F1B",
+        "--training.local_batch_size", "2", f"{P}pipeline_parallel_microbatch_size", "1",
+    ],
     "ac-full-fsdp4": ["--activation_checkpoint.mode", "full", "--training.local_batch_size", "2"],
     "ac-op-fsdp4": [
         "--activation_checkpoint.mode", "selective",

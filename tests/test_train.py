@@ -95,6 +95,20 @@ def test_new_run_keeps_the_previous_runs_files(tmp_path):
         (["--parallelism.tensor_parallel_degree", "2"], "tensor_parallel_degree"),
         (["--training.global_batch_size", "12"], "training.global_batch_size=12"),
         (["--job.config_file", "/nonexistent.toml"], "job.config_file"),
+        (
+            [
+                "--activation_checkpoint.mode",
+                "selective",
+                "--activation_checkpoint.selective_ac_option",
+                "some",
+            ],
+            "activation_checkpoint.selective_ac_option='some'",
+        ),
+        (
+            ["--activation_checkpoint.mode", "partial"],
+            "--activation_checkpoint.mode: expected one of",
+        ),
+        (["--compile.components", "model,optimizer"], "compile.components: unknown ['optimizer']"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path, args, needle):

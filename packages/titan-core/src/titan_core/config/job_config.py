@@ -94,19 +94,28 @@ class Parallelism:
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = opt(
         "default", "Free gathered parameters after forward: always, never, default (not the last)."
     )
-    tensor_parallel_degree: int = opt(1, "Tensor-parallel degree (only 1 in this release).")
+    tensor_parallel_degree: int = opt(
+        1, "Tensor-parallel degree (with sequence parallel); divides n_heads and n_kv_heads."
+    )
     disable_loss_parallel: bool = opt(False, "Gather the vocab-sharded logits before the loss.")
     enable_async_tensor_parallel: bool = opt(False, "Async TP (CUDA with compile only).")
-    pipeline_parallel_degree: int = opt(1, "Pipeline-parallel degree (only 1 in this release).")
-    pipeline_parallel_schedule: str = opt("1F1B", "Pipeline schedule name.")
+    pipeline_parallel_degree: int = opt(
+        1, "Pipeline-parallel degree: stages of blocks on different ranks."
+    )
+    pipeline_parallel_schedule: str = opt(
+        "1F1B",
+        "Pipeline schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV.",
+    )
     pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline microbatch.")
     pipeline_parallel_layers_per_stage: int | None = opt(None, "Transformer blocks per stage.")
-    context_parallel_degree: int = opt(1, "Context-parallel degree (only 1 in this release).")
+    context_parallel_degree: int = opt(
+        1, "Context-parallel degree: each sequence split across ranks."
+    )
     context_parallel_rotate_method: Literal["allgather", "alltoall"] = opt(
         "allgather", "How context-parallel ranks exchange keys and values."
     )
     expert_parallel_degree: int = opt(
-        1, "Expert-parallel degree, MoE models (only 1 in this release)."
+        1, "Expert-parallel degree, MoE models (none yet, so only 1)."
     )
 
 
@@ -121,7 +130,7 @@ class Checkpoint:
 @dataclass
 class ActivationCheckpoint:
     mode: Literal["none", "full", "selective"] = opt(
-        "none", "Activation checkpointing mode (not available yet: only none is accepted)."
+        "none", "Activation checkpointing: none, full (every block) or selective."
     )
     selective_ac_option: str = opt("2", "Selective AC: an integer N (every N-th block) or 'op'.")
 
@@ -129,7 +138,7 @@ class ActivationCheckpoint:
 @dataclass
 class Compile:
     enable: bool = opt(
-        False, "torch.compile each block and the loss (not available yet: refused if set)."
+        False, "torch.compile each transformer block and/or the loss (compile.components)."
     )
     components: list[str] = opt(["model", "loss"], "What to compile: model, loss.")
 
