@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor.parallel import loss_parallel
 
+from titan_core.checkpoint import Checkpointer, resume_candidates
 from titan_core.config import JobConfig, to_toml
 from titan_core.data import GlobalBatchLoader, Tokenizer, load_tokenizer
 from titan_core.distributed import (
@@ -72,10 +73,13 @@ def validate_training(config: JobConfig, dims: ParallelDims) -> int:
             raise UserError(f"training.{key}={getattr(t, key)}: must be >= 1")
     if config.metrics.log_freq < 1:
         raise UserError(f"metrics.log_freq={config.metrics.log_freq}: must be >= 1")
-    if config.checkpoint.enable:
+    if config.checkpoint.enable and dims.pp > 1:
         raise UserError(
-            "checkpoint.enable: checkpointing is not available in this release yet; drop the flag"
+            "checkpoint.enable: checkpoints of pipeline-parallel runs are not supported yet; "
+            "train with pipeline_parallel_degree=1 or without checkpoints"
         )
+    if config.checkpoint.interval < 1:
+        raise UserError(f"checkpoint.interval={config.checkpoint.interval}: must be >= 1")
     if config.activation_checkpoint.mode == "selective":
         parse_every_n(config.activation_checkpoint.selective_ac_option)
     unknown = set(config.compile.components) - {"model", "loss"}
@@ -141,7 +145,8 @@ class Trainer:
             self.optimizer, config.lr_scheduler, config.training.steps
         )
         self.metrics = self.build_metrics()
-        self.step = 0
+        self.checkpointer = Checkpointer(self)
+        self.step = self.checkpointer.resume(self.resume_steps)
 
     # ---- build steps -------------------------------------------------------------------
 
@@ -156,6 +161,10 @@ class Trainer:
         self.global_batch_size = validate_training(c, self.dims)
         if self.dims.pp > 1:
             self.check_pipeline()
+        self.resume_steps: list[int] = []
+        if c.checkpoint.enable:
+            folder = Path(c.job.dump_folder) / c.checkpoint.folder
+            self.resume_steps = resume_candidates(folder, c.checkpoint.load_step)
         self.tokenizer: Tokenizer = load_tokenizer(c.model.hf_assets_path)
         vocab = getattr(self.model_args, "vocab_size", None)
         if vocab is not None and self.tokenizer.vocab_size > vocab:
@@ -176,7 +185,8 @@ class Trainer:
                 dump.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UserError(f"job.dump_folder: cannot create {dump} ({e.strerror})") from None
-            archive_previous_run(dump)
+            if not self.resume_steps:  # a resumed run appends to its own files
+                archive_previous_run(dump)
             (dump / "config.toml").write_text(to_toml(self.config), encoding="utf-8")
 
     def build_mesh(self) -> ParallelMesh | None:
@@ -391,26 +401,30 @@ class Trainer:
         first_loss = loss = float("nan")
         start = window_start = time.perf_counter()
         window_tokens = 0
-        for self.step in range(1, t.steps + 1):
+        first_step = self.step + 1
+        for self.step in range(first_step, t.steps + 1):
             lr = self.scheduler.get_last_lr()[0]
             loss, grad_norm = self.train_step(self.loader.next_batch())
-            if self.step == 1 and self.mesh is not None:
+            if self.step == first_step and self.mesh is not None:
                 groups = self.mesh.world.get_all_groups()
                 set_collective_timeout(self.config.comm.train_timeout_seconds, groups)
-            first_loss = loss if self.step == 1 else first_loss
+            first_loss = loss if self.step == first_step else first_loss
             window_tokens += tokens_per_step_local
-            if self.step % self.config.metrics.log_freq == 0 or self.step in (1, t.steps):
+            if self.step % self.config.metrics.log_freq == 0 or self.step in (first_step, t.steps):
                 now = time.perf_counter()
                 tps = window_tokens / (now - window_start)
                 self.log_step(loss, grad_norm, lr, tps, now - start)
                 window_start, window_tokens = now, 0
+            self.checkpointer.maybe_save(self.step, last=self.step == t.steps)
         elapsed = time.perf_counter() - start
         self.metrics.close()
+        self.checkpointer.close()
+        steps_run = max(t.steps - first_step + 1, 1)
         return {
             "steps": t.steps,
             "first_loss": first_loss,
             "final_loss": loss,
-            "tps": tokens_per_step_local * t.steps / elapsed,
+            "tps": tokens_per_step_local * steps_run / elapsed,
             "dump_folder": os.path.abspath(self.config.job.dump_folder),
         }
 

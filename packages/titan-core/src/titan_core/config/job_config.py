@@ -121,10 +121,11 @@ class Parallelism:
 
 @dataclass
 class Checkpoint:
-    enable: bool = opt(False, "Save DCP checkpoints (not available yet: refused if set).")
+    enable: bool = opt(False, "Save DCP checkpoints, and resume from the newest complete one.")
     folder: str = opt("checkpoint", "Checkpoint folder inside job.dump_folder.")
-    interval: int = opt(500, "Steps between checkpoints.")
-    keep_latest_k: int = opt(10, "Checkpoints to keep; 0 keeps all.")
+    interval: int = opt(500, "Steps between checkpoints (the last step is always saved).")
+    keep_latest_k: int = opt(10, "Complete checkpoints to keep (older ones deleted); 0 keeps all.")
+    load_step: int = opt(-1, "Resume from this step's checkpoint; -1: the newest complete one.")
 
 
 @dataclass

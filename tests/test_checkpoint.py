@@ -1,0 +1,146 @@
+"""Checkpoints: exact resume, resume across layouts, crash safety, retention, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import FAST, losses, read_metrics, run_cli
+from titan_core import register_train_spec
+from titan_core.errors import UserError
+from titan_core.train import run
+
+CKPT = ["--checkpoint.enable", "--checkpoint.interval", "4", "--training.global_batch_size", "8"]
+
+
+def uninterrupted(tmp_path_factory) -> Path:
+    dump = tmp_path_factory.mktemp("full")
+    run([*FAST, *CKPT, "--training.local_batch_size", "8", "--job.dump_folder", str(dump)])
+    return dump
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """8 steps in one process, checkpoints at steps 4 and 8."""
+    return uninterrupted(tmp_path_factory)
+
+
+def stopped_at_4(source: Path, target: Path) -> Path:
+    """The state a run stopped right after step 4 leaves: step-4 only, metrics up to step 4."""
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "checkpoint" / "step-8")
+    lines = (target / "metrics.jsonl").read_text().splitlines(keepends=True)[:4]
+    (target / "metrics.jsonl").write_text("".join(lines))
+    return target
+
+
+def test_resume_on_the_same_layout_is_bit_identical(full_run, tmp_path):
+    dump = stopped_at_4(full_run, tmp_path / "resumed")
+    run([*FAST, *CKPT, "--training.local_batch_size", "8", "--job.dump_folder", str(dump)])
+    records = read_metrics(dump)
+    assert [r["step"] for r in records] == list(range(1, 9))  # appended, not restarted
+    assert losses(dump) == losses(full_run)  # exact float equality
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "nproc, extra",
+    [
+        (4, ["--training.local_batch_size", "2"]),  # FSDP 4 (a DP-degree change)
+        (4, ["--training.local_batch_size", "4", "--parallelism.tensor_parallel_degree", "2"]),
+    ],
+    ids=["to-fsdp4", "to-tp2-fsdp2"],
+)
+def test_a_one_process_checkpoint_resumes_under_other_layouts(full_run, tmp_path, nproc, extra):
+    dump = stopped_at_4(full_run, tmp_path / "resumed")
+    proc = run_cli([*FAST, *CKPT, *extra, "--job.dump_folder", str(dump)], nproc=nproc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(dump)[4:] == pytest.approx(losses(full_run)[4:], rel=1e-5, abs=0)
+
+
+@pytest.mark.distributed
+def test_an_fsdp_checkpoint_resumes_in_one_process(full_run, tmp_path):
+    dump = tmp_path / "fsdp"
+    proc = run_cli(
+        [*FAST, *CKPT, "--training.local_batch_size", "2", "--job.dump_folder", str(dump)], nproc=4
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = stopped_at_4(dump, tmp_path / "resumed")
+    run([*FAST, *CKPT, "--training.local_batch_size", "8", "--job.dump_folder", str(resumed)])
+    assert losses(resumed) == pytest.approx(losses(full_run), rel=1e-5, abs=0)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(full_run, tmp_path, caplog):
+    dump = tmp_path / "corrupt"
+    shutil.copytree(full_run, dump)
+    shard = next((dump / "checkpoint" / "step-8").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    lines = (dump / "metrics.jsonl").read_text().splitlines(keepends=True)[:4]
+    (dump / "metrics.jsonl").write_text("".join(lines))
+    with caplog.at_level("WARNING", logger="titan"):
+        run([*FAST, *CKPT, "--training.local_batch_size", "8", "--job.dump_folder", str(dump)])
+    assert any("step-8 is corrupt" in r.getMessage() for r in caplog.records)
+    assert losses(dump) == losses(full_run)  # resumed from step 4, exactly
+
+
+def test_a_checkpoint_without_metadata_is_not_complete(full_run, tmp_path):
+    from titan_core.checkpoint import complete_steps
+
+    dump = tmp_path / "nometa"
+    shutil.copytree(full_run, dump)
+    (dump / "checkpoint" / "step-8" / ".metadata").unlink()
+    assert complete_steps(dump / "checkpoint") == [4]
+    # A partial folder left by a crash during a save is not a checkpoint either.
+    (dump / "checkpoint" / ".step-12.partial").mkdir()
+    assert complete_steps(dump / "checkpoint") == [4]
+
+
+def test_load_step_that_does_not_exist_lists_the_available_ones(full_run, tmp_path):
+    dump = tmp_path / "copy"
+    shutil.copytree(full_run, dump)
+    proc = run_cli([*FAST, *CKPT, "--checkpoint.load_step", "5", "--job.dump_folder", str(dump)])
+    assert proc.returncode == 2
+    assert "checkpoint.load_step=5" in proc.stderr and "available: 4, 8" in proc.stderr
+
+
+def test_keep_latest_k_keeps_exactly_k(tmp_path):
+    from titan_core.checkpoint import complete_steps
+
+    dump = tmp_path / "keep"
+    args = [
+        *FAST,
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "2",
+        "--checkpoint.keep_latest_k",
+        "2",
+    ]
+    run([*args, "--job.dump_folder", str(dump)])
+    assert complete_steps(dump / "checkpoint") == [6, 8]
+
+
+def test_a_checkpoint_of_another_flavor_is_refused_with_the_differences(tmp_path):
+    from titan_llama3 import LLAMA3_FLAVORS, train_spec
+
+    debug = LLAMA3_FLAVORS["debugmodel"]
+    flavors = {"small": debug, "wide": dataclasses.replace(debug, dim=128, n_heads=8, n_kv_heads=4)}
+    register_train_spec(dataclasses.replace(train_spec, name="llama3-two-sizes", flavors=flavors))
+    args = [
+        *FAST,
+        "--training.steps",
+        "2",
+        "--checkpoint.enable",
+        "--model.name",
+        "llama3-two-sizes",
+    ]
+    dump = str(tmp_path / "run")
+    run([*args, "--model.flavor", "small", "--job.dump_folder", dump])
+    with pytest.raises(UserError) as e:
+        run([*args, "--model.flavor", "wide", "--training.steps", "4", "--job.dump_folder", dump])
+    message = str(e.value)
+    assert "holds llama3-two-sizes small" in message
+    assert "layers.0.attention.wk.weight: checkpoint (128, 256) vs model (64, 128)" in message
+    assert "and 52 more" in message and "\n" not in message
