@@ -144,3 +144,52 @@ def test_a_checkpoint_of_another_flavor_is_refused_with_the_differences(tmp_path
     assert "holds llama3-two-sizes small" in message
     assert "layers.0.attention.wk.weight: checkpoint (128, 256) vs model (64, 128)" in message
     assert "and 52 more" in message and "\n" not in message
+
+
+def _start(args: list[str]):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    cmd = [sys.executable, "-m", "titan_core.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["training", "saving"])
+def test_kill_9_then_rerun_continues_the_same_run(full_run, tmp_path, when):
+    import random
+    import time
+
+    dump = tmp_path / "killed"
+    args = [*FAST, *CKPT, "--checkpoint.interval", "2", "--training.local_batch_size", "8"]
+    args += ["--job.dump_folder", str(dump)]
+    stop_after = random.Random().randint(3, 7)  # a step, or the save after it
+    proc = _start(args)
+    try:
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            logged = (
+                (dump / "metrics.jsonl").read_text().count("\n")
+                if (dump / "metrics.jsonl").exists()
+                else 0
+            )
+            partial = any((dump / "checkpoint").glob(".step-*.partial"))
+            if logged >= stop_after and (when == "training" or partial):
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, f"the run ended before it could be killed (step {stop_after})"
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = run(args)  # the rerun resumes from the newest complete checkpoint
+    assert summary["final_loss"] == losses(full_run)[-1]
+    latest = {r["step"]: r["loss"] for r in read_metrics(dump)}  # re-logged steps: the last wins
+    assert [latest[s] for s in range(1, 9)] == losses(full_run)
