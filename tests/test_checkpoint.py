@@ -51,8 +51,9 @@ def test_resume_on_the_same_layout_is_bit_identical(full_run, tmp_path):
     [
         (4, ["--training.local_batch_size", "2"]),  # FSDP 4 (a DP-degree change)
         (4, ["--training.local_batch_size", "4", "--parallelism.tensor_parallel_degree", "2"]),
+        (4, ["--training.local_batch_size", "4", "--parallelism.pipeline_parallel_degree", "2"]),
     ],
-    ids=["to-fsdp4", "to-tp2-fsdp2"],
+    ids=["to-fsdp4", "to-tp2-fsdp2", "to-pp2-fsdp2"],
 )
 def test_a_one_process_checkpoint_resumes_under_other_layouts(full_run, tmp_path, nproc, extra):
     dump = stopped_at_4(full_run, tmp_path / "resumed")
@@ -62,11 +63,17 @@ def test_a_one_process_checkpoint_resumes_under_other_layouts(full_run, tmp_path
 
 
 @pytest.mark.distributed
-def test_an_fsdp_checkpoint_resumes_in_one_process(full_run, tmp_path):
-    dump = tmp_path / "fsdp"
-    proc = run_cli(
-        [*FAST, *CKPT, "--training.local_batch_size", "2", "--job.dump_folder", str(dump)], nproc=4
-    )
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--training.local_batch_size", "2"],
+        ["--training.local_batch_size", "4", "--parallelism.pipeline_parallel_degree", "2"],
+    ],
+    ids=["from-fsdp4", "from-pp2-fsdp2"],
+)
+def test_a_sharded_checkpoint_resumes_in_one_process(full_run, tmp_path, extra):
+    dump = tmp_path / "sharded"
+    proc = run_cli([*FAST, *CKPT, *extra, "--job.dump_folder", str(dump)], nproc=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = stopped_at_4(dump, tmp_path / "resumed")
     run([*FAST, *CKPT, "--training.local_batch_size", "8", "--job.dump_folder", str(resumed)])

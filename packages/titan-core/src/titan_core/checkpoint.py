@@ -30,10 +30,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    _init_optim_state,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 
 from titan_core.errors import UserError
@@ -74,6 +74,23 @@ def resume_candidates(folder: Path, load_step: int) -> list[int]:
     return [load_step]
 
 
+def optimizer_state(parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's per-parameter tensors as ``{"<param name>.<key>": tensor}``.
+
+    The values are the optimizer's own tensors, so DCP loads into them in place. Hyperparameters
+    are not saved: they come from the config, and the lr from the restored scheduler.
+    """
+    # NOTE: Adam creates its moments on the first step; a fresh optimizer gets zero-filled ones
+    # here (torch's own state-dict helper does the same) so there is something to load into.
+    _init_optim_state(optimizer)
+    names = {p: name for part in parts for name, p in part.named_parameters()}
+    state: dict[str, Any] = {}
+    for param, values in optimizer.state.items():
+        for key, value in values.items():
+            state[f"{names[param]}.{key}"] = value
+    return state
+
+
 def _first_line(error: BaseException) -> str:
     """A short reason; DCP wraps each rank's failure, so take the innermost message's first line."""
     text = str(error).strip()
@@ -108,16 +125,17 @@ class Checkpointer:
 
     # ---- what is saved ---------------------------------------------------------------
 
-    def _model(self) -> nn.Module:
-        (model,) = self.trainer.model_parts
-        return model
-
     def tensor_state(self) -> dict[str, Any]:
-        model, optimizer = self._model(), self.trainer.optimizer
-        return {
-            "model": get_model_state_dict(model),
-            "optimizer": get_optimizer_state_dict(model, optimizer),
-        }
+        """Model and optimizer tensors keyed by parameter name, for every model part.
+
+        Names are the same under every layout (a pipeline stage keeps its blocks' names), so
+        the state of one layout maps onto another; DCP reshards the DTensors.
+        """
+        parts = self.trainer.model_parts
+        model: dict[str, Any] = {}
+        for part in parts:
+            model.update(get_model_state_dict(part))
+        return {"model": model, "optimizer": optimizer_state(parts, self.trainer.optimizer)}
 
     def describe(self) -> dict[str, Any]:
         """What the checkpoint is: enough to rebuild the model with no other flag."""
@@ -222,17 +240,25 @@ class Checkpointer:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
         self.check_same_model(meta, path)
         state = self.tensor_state()
-        dcp.load(state, checkpoint_id=str(path))
-        model, optimizer = self._model(), self.trainer.optimizer
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
-        self.trainer.scheduler.load_state_dict(meta["lr_scheduler"])
+        dcp.load(state, checkpoint_id=str(path))  # in place, into parameters and moments
+        for part in self.trainer.model_parts:
+            set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+        scheduler = self.trainer.scheduler
+        scheduler.load_state_dict(meta["lr_scheduler"])
+        # The scheduler's state does not touch the optimizer: set the lr of the next step.
+        for group, lr in zip(
+            self.trainer.optimizer.param_groups, scheduler.get_last_lr(), strict=True
+        ):
+            group["lr"] = lr
         self.trainer.loader.load_state_dict(meta["loader"])
         torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
 
     def check_same_model(self, meta: dict[str, Any], path: Path) -> None:
         """Refuse a checkpoint of another model or flavor, listing the differing tensors."""
-        expected = {k: tuple(v.shape) for k, v in get_model_state_dict(self._model()).items()}
+        # The whole model's names and shapes (a pipeline rank holds only some of them).
+        with torch.device("meta"):
+            whole = self.trainer.spec.model_cls(self.trainer.model_args)
+        expected = {k: tuple(v.shape) for k, v in get_model_state_dict(whole).items()}
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         found = {
             k.removeprefix("model."): tuple(m.size)

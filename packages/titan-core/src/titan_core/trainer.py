@@ -73,11 +73,6 @@ def validate_training(config: JobConfig, dims: ParallelDims) -> int:
             raise UserError(f"training.{key}={getattr(t, key)}: must be >= 1")
     if config.metrics.log_freq < 1:
         raise UserError(f"metrics.log_freq={config.metrics.log_freq}: must be >= 1")
-    if config.checkpoint.enable and dims.pp > 1:
-        raise UserError(
-            "checkpoint.enable: checkpoints of pipeline-parallel runs are not supported yet; "
-            "train with pipeline_parallel_degree=1 or without checkpoints"
-        )
     if config.checkpoint.interval < 1:
         raise UserError(f"checkpoint.interval={config.checkpoint.interval}: must be >= 1")
     if config.activation_checkpoint.mode == "selective":
