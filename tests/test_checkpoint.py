@@ -200,3 +200,47 @@ def test_kill_9_then_rerun_continues_the_same_run(full_run, tmp_path, when):
     assert summary["final_loss"] == losses(full_run)[-1]
     latest = {r["step"]: r["loss"] for r in read_metrics(dump)}  # re-logged steps: the last wins
     assert [latest[s] for s in range(1, 9)] == losses(full_run)
+
+
+def test_load_pretrained_returns_the_checkpointed_weights(full_run, tmp_path):
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from titan_core import load_pretrained
+
+    model = load_pretrained(full_run)  # the dump folder: newest complete checkpoint (step 8)
+    assert not model.training
+    # Read the same checkpoint with torch's own converter and compare every tensor.
+    flat = tmp_path / "flat.pt"
+    dcp_to_torch_save(str(full_run / "checkpoint" / "step-8"), str(flat))
+    saved = torch.load(flat, weights_only=True)["model"]
+    state = model.state_dict()
+    assert saved.keys() == state.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+    tokens = torch.randint(0, 2048, (2, 16))
+    assert model(tokens).shape == (2, 16, 2048)
+    with pytest.raises(UserError, match="not a titan checkpoint"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.distributed
+def test_a_seed_checkpoint_gives_every_layout_the_same_start(tmp_path):
+    seed = ["--checkpoint.create_seed_checkpoint", "--training.seed", "5"]
+    run([*FAST, *seed, "--job.dump_folder", str(tmp_path / "seed")])
+    assert (tmp_path / "seed" / "checkpoint" / "step-0").is_dir()
+    for name in ("one", "pp"):
+        shutil.copytree(tmp_path / "seed", tmp_path / name)
+    train = [*FAST, *CKPT, "--training.local_batch_size", "8", "--training.seed", "0"]
+    run([*train, "--job.dump_folder", str(tmp_path / "one")])
+    run([*train, "--job.dump_folder", str(tmp_path / "fresh")])  # no seed checkpoint
+    pp = [*FAST, *CKPT, "--training.local_batch_size", "4", "--training.seed", "0"]
+    pp += ["--parallelism.pipeline_parallel_degree", "2", "--job.dump_folder", str(tmp_path / "pp")]
+    proc = run_cli(pp, nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=0)
+    # The weights came from the seed checkpoint (training.seed 5), not from training.seed 0.
+    assert losses(tmp_path / "one")[0] != losses(tmp_path / "fresh")[0]
+    # Asking for a seed checkpoint again in a folder with checkpoints is refused.
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        run([*FAST, *seed, "--job.dump_folder", str(tmp_path / "one")])

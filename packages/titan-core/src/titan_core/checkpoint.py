@@ -168,16 +168,25 @@ class Checkpointer:
         if self.cfg.enable and (step % self.cfg.interval == 0 or last):
             self.save(step)
 
-    def save(self, step: int) -> None:
-        """Write ``step-N/`` atomically: shards to a partial folder, renamed when complete."""
+    def save(self, step: int, model_only: bool = False) -> None:
+        """Write ``step-N/`` atomically: shards to a partial folder, renamed when complete.
+
+        Args:
+            step: the optimizer steps taken.
+            model_only: weights only (a seed checkpoint): no optimizer, scheduler or data state.
+        """
         partial = self.folder / f".step-{step}.partial"
         if _is_main():
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         _barrier()
-        dcp.save(self.tensor_state(), checkpoint_id=str(partial))
+        state = self.tensor_state()
+        if model_only:
+            del state["optimizer"]
+        dcp.save(state, checkpoint_id=str(partial))
         meta = {
             "step": step,
+            "model_only": model_only,
             "tokens_seen": step
             * self.trainer.global_batch_size
             * self.trainer.config.training.seq_len,
@@ -240,9 +249,13 @@ class Checkpointer:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
         self.check_same_model(meta, path)
         state = self.tensor_state()
+        if meta.get("model_only"):  # a seed checkpoint: weights only, training starts at step 1
+            del state["optimizer"]
         dcp.load(state, checkpoint_id=str(path))  # in place, into parameters and moments
         for part in self.trainer.model_parts:
             set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+        if meta.get("model_only"):
+            return
         scheduler = self.trainer.scheduler
         scheduler.load_state_dict(meta["lr_scheduler"])
         # The scheduler's state does not touch the optimizer: set the lr of the next step.

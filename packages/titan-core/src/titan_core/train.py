@@ -52,6 +52,13 @@ def run(argv: list[str]) -> dict | None:
     # NOTE: not in a finally: after a failure the peers may be gone and a barrier would wait
     # for them; the launcher tears the group down instead.
     destroy_process_group()
+    if config.checkpoint.create_seed_checkpoint:
+        logging.getLogger("titan").info(
+            "done: seed checkpoint (initial weights) written to %s/%s/step-0",
+            summary["dump_folder"],
+            config.checkpoint.folder,
+        )
+        return summary
     logging.getLogger("titan").info(
         "done: %d steps, loss %.4f -> %.4f, %s tokens/s per device; outputs in %s",
         summary["steps"],

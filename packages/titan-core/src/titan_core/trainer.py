@@ -73,6 +73,11 @@ def validate_training(config: JobConfig, dims: ParallelDims) -> int:
             raise UserError(f"training.{key}={getattr(t, key)}: must be >= 1")
     if config.metrics.log_freq < 1:
         raise UserError(f"metrics.log_freq={config.metrics.log_freq}: must be >= 1")
+    if config.checkpoint.create_seed_checkpoint and dims.world_size != 1:
+        raise UserError(
+            "checkpoint.create_seed_checkpoint: run it in one process (the weights are written "
+            f"whole), not under {dims.world_size} ranks; drop torchrun for this step"
+        )
     if config.checkpoint.interval < 1:
         raise UserError(f"checkpoint.interval={config.checkpoint.interval}: must be >= 1")
     if config.activation_checkpoint.mode == "selective":
@@ -157,9 +162,16 @@ class Trainer:
         if self.dims.pp > 1:
             self.check_pipeline()
         self.resume_steps: list[int] = []
+        if c.checkpoint.create_seed_checkpoint:
+            c.checkpoint.enable = True
         if c.checkpoint.enable:
             folder = Path(c.job.dump_folder) / c.checkpoint.folder
             self.resume_steps = resume_candidates(folder, c.checkpoint.load_step)
+            if c.checkpoint.create_seed_checkpoint and self.resume_steps:
+                raise UserError(
+                    f"checkpoint.create_seed_checkpoint: {folder} already holds checkpoints "
+                    f"(steps {sorted(self.resume_steps)}); use an empty job.dump_folder"
+                )
         self.tokenizer: Tokenizer = load_tokenizer(c.model.hf_assets_path)
         vocab = getattr(self.model_args, "vocab_size", None)
         if vocab is not None and self.tokenizer.vocab_size > vocab:
@@ -392,6 +404,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run ``training.steps`` steps; return the summary the CLI prints."""
         t = self.config.training
+        if self.config.checkpoint.create_seed_checkpoint:
+            return self.write_seed_checkpoint()
         tokens_per_step_local = t.local_batch_size * t.seq_len * self.loader.grad_accum_steps
         first_loss = loss = float("nan")
         start = window_start = time.perf_counter()
@@ -420,6 +434,19 @@ class Trainer:
             "first_loss": first_loss,
             "final_loss": loss,
             "tps": tokens_per_step_local * steps_run / elapsed,
+            "dump_folder": os.path.abspath(self.config.job.dump_folder),
+        }
+
+    def write_seed_checkpoint(self) -> dict[str, Any]:
+        """Save the initial weights as ``step-0`` (model only) instead of training."""
+        self.checkpointer.save(0, model_only=True)
+        self.metrics.close()
+        nan = float("nan")
+        return {
+            "steps": 0,
+            "first_loss": nan,
+            "final_loss": nan,
+            "tps": 0.0,
             "dump_folder": os.path.abspath(self.config.job.dump_folder),
         }
 

@@ -126,6 +126,9 @@ class Checkpoint:
     interval: int = opt(500, "Steps between checkpoints (the last step is always saved).")
     keep_latest_k: int = opt(10, "Complete checkpoints to keep (older ones deleted); 0 keeps all.")
     load_step: int = opt(-1, "Resume from this step's checkpoint; -1: the newest complete one.")
+    create_seed_checkpoint: bool = opt(
+        False, "One process: write the initial weights as step-0 and exit; later runs start there."
+    )
 
 
 @dataclass
