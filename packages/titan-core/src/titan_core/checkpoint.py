@@ -21,6 +21,8 @@ import logging
 import re
 import shutil
 import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,28 @@ def complete_steps(folder: Path) -> list[int]:
 
 def step_dir(folder: Path, step: int) -> Path:
     return folder / f"step-{step}"
+
+
+LOADABLE_PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "rng")
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / META_FILE).read_text(encoding="utf-8"))
+
+
+def initial_step_folder(source: Path) -> Path:
+    """The checkpoint ``checkpoint.initial_load_path`` names: a step-N folder or the newest
+    complete one under a checkpoint folder."""
+    if (source / META_FILE).is_file() and (source / ".metadata").is_file():
+        return source
+    steps = complete_steps(source)
+    if steps:
+        return step_dir(source, steps[-1])
+    raise UserError(
+        f"checkpoint.initial_load_path: {source} is neither a complete titan checkpoint "
+        f"(.metadata and {META_FILE}) nor a folder holding step-N checkpoints; for a Hugging "
+        "Face folder add --checkpoint.initial_load_in_hf"
+    )
 
 
 def resume_candidates(folder: Path, load_step: int) -> list[int]:
@@ -109,6 +133,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@dataclasses.dataclass
+class _PendingSave:
+    """A background save: committed to ``step-N/`` when every rank's future is done."""
+
+    step: int
+    partial: Path
+    meta: dict[str, Any]
+    future: Future
+    started: float
+
+
 class Checkpointer:
     """Saves and restores the trainer's state under ``<dump_folder>/<checkpoint.folder>``.
 
@@ -122,6 +157,10 @@ class Checkpointer:
         self.cfg = cfg.checkpoint
         self.folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
         self._pruner: threading.Thread | None = None
+        self._pending: _PendingSave | None = None
+        self._group: Any = None
+        self._poll: Any = None
+        self._stager: Any = None
 
     # ---- what is saved ---------------------------------------------------------------
 
@@ -164,17 +203,37 @@ class Checkpointer:
 
     # ---- save ------------------------------------------------------------------------
 
-    def maybe_save(self, step: int, last: bool) -> None:
-        if self.cfg.enable and (step % self.cfg.interval == 0 or last):
-            self.save(step)
+    def maybe_save(self, step: int, last: bool) -> float | None:
+        """Save if ``step`` is due; return the seconds training was blocked, or None."""
+        if not self.cfg.enable or not (step % self.cfg.interval == 0 or last):
+            return None
+        if last and self.cfg.last_save_model_only:
+            self.wait()
+            return self.save(step, model_only=True, dtype=self.cfg.export_dtype)
+        return self.save(step, asynchronous=self.cfg.async_mode != "disabled")
 
-    def save(self, step: int, model_only: bool = False) -> None:
+    def save(
+        self,
+        step: int,
+        model_only: bool = False,
+        dtype: str = "float32",
+        asynchronous: bool = False,
+    ) -> float:
         """Write ``step-N/`` atomically: shards to a partial folder, renamed when complete.
 
         Args:
             step: the optimizer steps taken.
-            model_only: weights only (a seed checkpoint): no optimizer, scheduler or data state.
+            model_only: weights only (a seed checkpoint or a final export): no optimizer,
+                scheduler or data state.
+            dtype: the weights' dtype on disk (a model-only export may be bfloat16).
+            asynchronous: copy the state and write it in a background thread; the checkpoint
+                is committed (renamed to ``step-N/``) once every rank's write has finished.
+
+        Returns:
+            The seconds this call blocked training.
         """
+        started = time.perf_counter()
+        self.wait()  # one save in flight at a time; commits the previous one
         partial = self.folder / f".step-{step}.partial"
         if _is_main():
             shutil.rmtree(partial, ignore_errors=True)
@@ -183,10 +242,13 @@ class Checkpointer:
         state = self.tensor_state()
         if model_only:
             del state["optimizer"]
-        dcp.save(state, checkpoint_id=str(partial))
+            if dtype != "float32":
+                cast = getattr(torch, dtype)
+                state["model"] = {k: v.to(cast) for k, v in state["model"].items()}
         meta = {
             "step": step,
             "model_only": model_only,
+            "dtype": dtype,
             "tokens_seen": step
             * self.trainer.global_batch_size
             * self.trainer.config.training.seq_len,
@@ -195,14 +257,93 @@ class Checkpointer:
             "rng": torch.get_rng_state().tolist(),
             **self.describe(),
         }
+        if asynchronous:
+            response = dcp.async_save(
+                state,
+                checkpoint_id=str(partial),
+                process_group=self._async_group(),
+                async_stager=self._async_stager(),
+            )
+            future = getattr(response, "upload_completion", response)
+            self._pending = _PendingSave(step, partial, meta, future, time.perf_counter())
+            blocked = time.perf_counter() - started
+            logger.info(
+                "checkpoint step-%d: state copied in %.3f s, writing in the background",
+                step,
+                blocked,
+            )
+            return blocked
+        dcp.save(state, checkpoint_id=str(partial))
+        self._commit(step, partial, meta)
+        blocked = time.perf_counter() - started
+        logger.info("saved checkpoint %s in %.3f s", step_dir(self.folder, step), blocked)
+        return blocked
+
+    def _commit(self, step: int, partial: Path, meta: dict[str, Any]) -> None:
+        """Make ``step-N/`` appear, complete, once every rank has written its shards."""
+        _barrier()
         if _is_main():
             (partial / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
             final = step_dir(self.folder, step)
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)  # atomic: the checkpoint appears complete or not at all
-            logger.info("saved checkpoint %s", final)
             self._prune_in_background()
         _barrier()
+
+    def _async_group(self) -> Any:
+        """A gloo group of its own, so the background write never interleaves with training's."""
+        if not dist.is_initialized():
+            return None
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _async_stager(self) -> Any:
+        """The stager that copies the state off the training tensors (kept: it reuses buffers)."""
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            pinned = self.cfg.async_mode == "async_with_pinned_mem"
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=pinned,
+                    use_shared_memory=False,
+                    use_async_staging=False,
+                    use_non_blocking_copy=False,
+                )
+            )
+        return self._stager
+
+    def poll(self) -> None:
+        """Commit a background save if every rank has finished writing (called every step)."""
+        if self._pending is None:
+            return
+        done = torch.tensor(int(self._pending.future.done()))
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._poll_group())
+        if done.item():
+            self.wait()
+
+    def _poll_group(self) -> Any:
+        # NOTE: a CPU tensor needs a gloo group; the default group may be NCCL on GPU.
+        if self._poll is None:
+            self._poll = (
+                dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            )
+        return self._poll
+
+    def wait(self) -> None:
+        """Finish the save in flight (if any) and commit it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pending.future.result()  # re-raises a failed write
+        self._commit(pending.step, pending.partial, pending.meta)
+        logger.info(
+            "checkpoint %s complete (written in the background in %.2f s)",
+            step_dir(self.folder, pending.step),
+            time.perf_counter() - pending.started,
+        )
 
     def _prune_in_background(self) -> None:
         """Delete all but the newest ``keep_latest_k`` complete checkpoints, off the step path."""
@@ -219,17 +360,29 @@ class Checkpointer:
         self._pruner.start()
 
     def close(self) -> None:
+        """Finish a background save and the pruning; release the staging buffers."""
+        self.wait()
         if self._pruner is not None:
             self._pruner.join()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     # ---- load ------------------------------------------------------------------------
 
     def resume(self, candidates: list[int]) -> int:
-        """Load the newest loadable checkpoint of ``candidates``; return its step (0 if none)."""
+        """Load the newest loadable checkpoint of ``candidates``; return its step (0 if none).
+
+        With none to resume from, start from ``checkpoint.initial_load_path`` if it is set.
+        """
         for i, step in enumerate(candidates):
             path = step_dir(self.folder, step)
+            if step > 0 and self.cfg.load_step < 0 and _meta(path).get("model_only"):
+                # A final export holds no optimizer or data position: it cannot continue a run.
+                logger.warning("checkpoint %s is a model-only export; not resuming from it", path)
+                continue
             try:
-                self.load(path)
+                self.load(path, exclude=set(self.cfg.exclude_from_loading))
             except UserError:
                 raise  # a checkpoint of another model: not corrupt, never skipped silently
             except (CheckpointException, Exception) as e:  # any unreadable state: fall back
@@ -243,28 +396,61 @@ class Checkpointer:
                 continue
             logger.info("resumed from %s", path)
             return step
+        if candidates and not self.cfg.initial_load_path:
+            raise UserError(
+                f"checkpoint: {self.folder} holds only model-only exports, which cannot resume "
+                "training; start from one with checkpoint.initial_load_path or use another "
+                "job.dump_folder"
+            )
+        if self.cfg.initial_load_path:
+            return self.load_initial()
         return 0
 
-    def load(self, path: Path) -> None:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    def load_initial(self) -> int:
+        """Start from ``checkpoint.initial_load_path`` (weights only unless told otherwise)."""
+        source = Path(self.cfg.initial_load_path)
+        if self.cfg.initial_load_in_hf:
+            from titan_core.hf_load import load_hf_weights
+
+            load_hf_weights(self.trainer, source)
+            logger.info("loaded the Hugging Face weights of %s", source)
+            return 0
+        path = initial_step_folder(source)
+        if self.cfg.initial_load_model_only:
+            self.load(path, exclude={"optimizer", "lr_scheduler", "dataloader", "rng"})
+            logger.info("loaded the weights of %s; training starts at step 1", path)
+            return 0
+        self.load(path, exclude=set(self.cfg.exclude_from_loading))
+        logger.info("started from %s", path)
+        return int(_meta(path)["step"])
+
+    def load(self, path: Path, exclude: set[str] = frozenset()) -> None:
+        """Restore the state in ``path`` except the parts named in ``exclude``."""
+        meta = _meta(path)
         self.check_same_model(meta, path)
+        if meta.get("model_only"):  # a seed checkpoint or export: weights only
+            exclude = exclude | {"optimizer", "lr_scheduler", "dataloader", "rng"}
         state = self.tensor_state()
-        if meta.get("model_only"):  # a seed checkpoint: weights only, training starts at step 1
-            del state["optimizer"]
-        dcp.load(state, checkpoint_id=str(path))  # in place, into parameters and moments
-        for part in self.trainer.model_parts:
-            set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
-        if meta.get("model_only"):
-            return
-        scheduler = self.trainer.scheduler
-        scheduler.load_state_dict(meta["lr_scheduler"])
-        # The scheduler's state does not touch the optimizer: set the lr of the next step.
-        for group, lr in zip(
-            self.trainer.optimizer.param_groups, scheduler.get_last_lr(), strict=True
-        ):
-            group["lr"] = lr
-        self.trainer.loader.load_state_dict(meta["loader"])
-        torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+        for part in ("model", "optimizer"):
+            if part in exclude:
+                del state[part]
+        if state:
+            dcp.load(state, checkpoint_id=str(path))  # in place, into parameters and moments
+        if "model" in state:
+            for part in self.trainer.model_parts:
+                set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+        if "lr_scheduler" not in exclude:
+            scheduler = self.trainer.scheduler
+            scheduler.load_state_dict(meta["lr_scheduler"])
+            # The scheduler's state does not touch the optimizer: set the lr of the next step.
+            for group, lr in zip(
+                self.trainer.optimizer.param_groups, scheduler.get_last_lr(), strict=True
+            ):
+                group["lr"] = lr
+        if "dataloader" not in exclude:
+            self.trainer.loader.load_state_dict(meta["loader"])
+        if "rng" not in exclude:
+            torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
 
     def check_same_model(self, meta: dict[str, Any], path: Path) -> None:
         """Refuse a checkpoint of another model or flavor, listing the differing tensors."""

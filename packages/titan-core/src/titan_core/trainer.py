@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor.parallel import loss_parallel
 
-from titan_core.checkpoint import Checkpointer, resume_candidates
+from titan_core.checkpoint import (
+    LOADABLE_PARTS,
+    Checkpointer,
+    initial_step_folder,
+    resume_candidates,
+)
 from titan_core.config import JobConfig, to_toml
 from titan_core.data import GlobalBatchLoader, Tokenizer, load_tokenizer
 from titan_core.distributed import (
@@ -172,6 +177,7 @@ class Trainer:
                     f"checkpoint.create_seed_checkpoint: {folder} already holds checkpoints "
                     f"(steps {sorted(self.resume_steps)}); use an empty job.dump_folder"
                 )
+        self.check_checkpoint_keys()
         self.tokenizer: Tokenizer = load_tokenizer(c.model.hf_assets_path)
         vocab = getattr(self.model_args, "vocab_size", None)
         if vocab is not None and self.tokenizer.vocab_size > vocab:
@@ -183,6 +189,42 @@ class Trainer:
         self.param_dtype, _ = param_and_reduce_dtypes(c.training, self.runtime.device.type)
         # Opening the data checks the path and format now, before any process group.
         self.loader = self.build_loader()
+
+    def check_checkpoint_keys(self) -> None:
+        """The [checkpoint] keys that name modes, parts and paths."""
+        ck = self.config.checkpoint
+        if ck.async_mode == "async_with_pinned_mem" and self.runtime.device.type != "cuda":
+            raise UserError(
+                "checkpoint.async_mode=async_with_pinned_mem needs CUDA (pinned host memory "
+                "for device-to-host copies); on CPU use --checkpoint.async_mode async"
+            )
+        unknown = sorted(set(ck.exclude_from_loading) - set(LOADABLE_PARTS))
+        if unknown:
+            raise UserError(
+                f"checkpoint.exclude_from_loading: unknown {unknown}; choose from "
+                f"{', '.join(LOADABLE_PARTS)}"
+            )
+        if ck.initial_load_in_hf and not ck.initial_load_path:
+            raise UserError(
+                "checkpoint.initial_load_in_hf: set checkpoint.initial_load_path to the Hugging "
+                "Face folder to load"
+            )
+        if (ck.initial_load_in_hf or ck.last_save_in_hf) and self.spec.state_dict_adapter is None:
+            key = "initial_load_in_hf" if ck.initial_load_in_hf else "last_save_in_hf"
+            raise UserError(
+                f"checkpoint.{key}: model {self.spec.name} has no Hugging Face adapter; "
+                "its package does not support HF weights"
+            )
+        if ck.initial_load_path and not self.resume_steps:
+            source = Path(ck.initial_load_path)
+            if not source.exists():
+                raise UserError(f"checkpoint.initial_load_path: {source} does not exist")
+            if ck.initial_load_in_hf:
+                from titan_core.hf_load import check_hf_source
+
+                check_hf_source(self, source)
+            else:
+                initial_step_folder(source)
 
     def prepare_dump_folder(self) -> None:
         """Create the dump folder, keep an earlier run's files, write the resolved config."""
@@ -419,15 +461,20 @@ class Trainer:
                 set_collective_timeout(self.config.comm.train_timeout_seconds, groups)
             first_loss = loss if self.step == first_step else first_loss
             window_tokens += tokens_per_step_local
-            if self.step % self.config.metrics.log_freq == 0 or self.step in (first_step, t.steps):
+            self.checkpointer.poll()
+            blocked = self.checkpointer.maybe_save(self.step, last=self.step == t.steps)
+            due = self.step % self.config.metrics.log_freq == 0 or self.step in (
+                first_step,
+                t.steps,
+            )
+            if due or blocked is not None:  # a save's blocking time is logged with its step
                 now = time.perf_counter()
                 tps = window_tokens / (now - window_start)
-                self.log_step(loss, grad_norm, lr, tps, now - start)
+                self.log_step(loss, grad_norm, lr, tps, now - start, blocked)
                 window_start, window_tokens = now, 0
-            self.checkpointer.maybe_save(self.step, last=self.step == t.steps)
+        self.checkpointer.close()
         elapsed = time.perf_counter() - start
         self.metrics.close()
-        self.checkpointer.close()
         steps_run = max(t.steps - first_step + 1, 1)
         return {
             "steps": t.steps,
@@ -458,9 +505,16 @@ class Trainer:
         return peak.item()
 
     def log_step(
-        self, loss: float, grad_norm: float, lr: float, tps: float, elapsed: float
+        self,
+        loss: float,
+        grad_norm: float,
+        lr: float,
+        tps: float,
+        elapsed: float,
+        checkpoint_blocked: float | None = None,
     ) -> None:
         flops = self.flops_per_token * tps
+        extra = {} if checkpoint_blocked is None else {"checkpoint_blocking_s": checkpoint_blocked}
         self.metrics.log(
             {
                 "step": self.step,
@@ -473,5 +527,6 @@ class Trainer:
                 "memory_gib": self.peak_memory_gib(),
                 "tokens_seen": self.step * self.global_batch_size * self.config.training.seq_len,
                 "time": elapsed,
+                **extra,
             }
         )

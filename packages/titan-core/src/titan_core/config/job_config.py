@@ -129,6 +129,36 @@ class Checkpoint:
     create_seed_checkpoint: bool = opt(
         False, "One process: write the initial weights as step-0 and exit; later runs start there."
     )
+    async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = opt(
+        "disabled",
+        "disabled: saves block training; async: copy the state, write it in the background; "
+        "async_with_pinned_mem: the same through pinned memory (CUDA only).",
+    )
+    exclude_from_loading: list[str] = opt(
+        [],
+        "Parts of a checkpoint not restored on resume: model, optimizer, lr_scheduler, "
+        "dataloader, rng (e.g. --checkpoint.exclude_from_loading dataloader).",
+    )
+    last_save_model_only: bool = opt(
+        False, "Make the final checkpoint weights only (in export_dtype), for export."
+    )
+    export_dtype: Literal["float32", "bfloat16"] = opt(
+        "float32", "Dtype of the weights in a model-only final checkpoint."
+    )
+    initial_load_path: str = opt(
+        "",
+        "Checkpoint (step-N folder or checkpoint folder) to start from when the dump folder "
+        "holds none; an HF folder with initial_load_in_hf.",
+    )
+    initial_load_model_only: bool = opt(
+        True, "From initial_load_path load the weights only (training restarts at step 1)."
+    )
+    initial_load_in_hf: bool = opt(
+        False, "initial_load_path is a Hugging Face folder (config.json + safetensors)."
+    )
+    last_save_in_hf: bool = opt(
+        False, "Also write the final model as a Hugging Face folder <dump_folder>/hf/."
+    )
 
 
 @dataclass
