@@ -13,7 +13,14 @@ import nox
 
 nox.options.sessions = ["lint", "tests", "dist"]
 VENV = os.environ.get("TITAN_NOX_VENV") == "1"
-PACKAGES = ["-e", "packages/titan-core", "-e", "packages/titan-llama3"]
+PACKAGES = [
+    "-e",
+    "packages/titan-core",
+    "-e",
+    "packages/titan-llama3",
+    "-e",
+    "packages/titan-convert",
+]
 
 
 TEST_DEPS = ["pytest", "transformers", "safetensors"]
@@ -55,9 +62,10 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks (not tests): ratios against references measured in the same run.
 
-    ``nox -s bench`` runs them all; ``nox -s bench -- train`` or ``-- parallel`` one of them.
+    ``nox -s bench`` runs them all; ``nox -s bench -- NAME`` one of them (train, parallel,
+    checkpoint, convert).
     """
     _install(session)
-    which = session.posargs or ["train", "parallel"]
+    which = session.posargs or ["train", "parallel", "checkpoint", "convert"]
     for name in which:
         session.run("python", f"bench/bench_{name}.py")

@@ -182,9 +182,14 @@ class Checkpointer:
 
         t, c = self.trainer, self.trainer.config
         args = t.model_args
+        flavor = c.model.flavor
+        if c.checkpoint.initial_load_in_hf:  # the args are the HF config's: name them truly
+            from titan_core.hf import flavor_name
+
+            flavor = flavor_name(t.spec, args)
         return {
             "model": c.model.name,
-            "flavor": c.model.flavor,
+            "flavor": flavor,
             "model_args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else {},
             "tokenizer": c.model.hf_assets_path or "embedded",
             "config": to_toml(c),
@@ -218,6 +223,7 @@ class Checkpointer:
         model_only: bool = False,
         dtype: str = "float32",
         asynchronous: bool = False,
+        folder: Path | None = None,
     ) -> float:
         """Write ``step-N/`` atomically: shards to a partial folder, renamed when complete.
 
@@ -228,13 +234,15 @@ class Checkpointer:
             dtype: the weights' dtype on disk (a model-only export may be bfloat16).
             asynchronous: copy the state and write it in a background thread; the checkpoint
                 is committed (renamed to ``step-N/``) once every rank's write has finished.
+            folder: where ``step-N/`` goes (default: the run's checkpoint folder).
 
         Returns:
             The seconds this call blocked training.
         """
         started = time.perf_counter()
         self.wait()  # one save in flight at a time; commits the previous one
-        partial = self.folder / f".step-{step}.partial"
+        folder = folder or self.folder
+        partial = folder / f".step-{step}.partial"
         if _is_main():
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -274,20 +282,24 @@ class Checkpointer:
             )
             return blocked
         dcp.save(state, checkpoint_id=str(partial))
-        self._commit(step, partial, meta)
+        self._commit(step, partial, meta, folder)
         blocked = time.perf_counter() - started
-        logger.info("saved checkpoint %s in %.3f s", step_dir(self.folder, step), blocked)
+        logger.info("saved checkpoint %s in %.3f s", step_dir(folder, step), blocked)
         return blocked
 
-    def _commit(self, step: int, partial: Path, meta: dict[str, Any]) -> None:
+    def _commit(
+        self, step: int, partial: Path, meta: dict[str, Any], folder: Path | None = None
+    ) -> None:
         """Make ``step-N/`` appear, complete, once every rank has written its shards."""
+        folder = folder or self.folder
         _barrier()
         if _is_main():
             (partial / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-            final = step_dir(self.folder, step)
+            final = step_dir(folder, step)
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)  # atomic: the checkpoint appears complete or not at all
-            self._prune_in_background()
+            if folder == self.folder:
+                self._prune_in_background()
         _barrier()
 
     def _async_group(self) -> Any:

@@ -160,6 +160,8 @@ class Trainer:
         c = self.config
         self.spec = get_train_spec(c.model.name)
         self.model_args = resolve_model_args(self.spec, c)
+        if c.checkpoint.initial_load_in_hf:
+            self.model_args = self.hf_model_args()
         self.dims = ParallelDims.from_config(c.parallelism, self.runtime.world_size)
         check_supported(self.dims)
         validate_layout(self.dims, c, self.model_args)
@@ -204,16 +206,10 @@ class Trainer:
                 f"checkpoint.exclude_from_loading: unknown {unknown}; choose from "
                 f"{', '.join(LOADABLE_PARTS)}"
             )
-        if ck.initial_load_in_hf and not ck.initial_load_path:
+        if ck.last_save_in_hf and self.spec.state_dict_adapter is None:
             raise UserError(
-                "checkpoint.initial_load_in_hf: set checkpoint.initial_load_path to the Hugging "
-                "Face folder to load"
-            )
-        if (ck.initial_load_in_hf or ck.last_save_in_hf) and self.spec.state_dict_adapter is None:
-            key = "initial_load_in_hf" if ck.initial_load_in_hf else "last_save_in_hf"
-            raise UserError(
-                f"checkpoint.{key}: model {self.spec.name} has no Hugging Face adapter; "
-                "its package does not support HF weights"
+                f"checkpoint.last_save_in_hf: model {self.spec.name} has no Hugging Face "
+                "adapter; its package does not support HF weights"
             )
         if ck.initial_load_path and not self.resume_steps:
             source = Path(ck.initial_load_path)
@@ -225,6 +221,30 @@ class Trainer:
                 check_hf_source(self, source)
             else:
                 initial_step_folder(source)
+
+    def hf_model_args(self) -> Any:
+        """With ``initial_load_in_hf``, the model is the one the HF folder's config.json
+        describes (any size, not only the named flavors)."""
+        from titan_core.hf_load import hf_model_args
+
+        c = self.config
+        if not c.checkpoint.initial_load_path:
+            raise UserError(
+                "checkpoint.initial_load_in_hf: set checkpoint.initial_load_path to the Hugging "
+                "Face folder to load"
+            )
+        if self.spec.state_dict_adapter is None:
+            raise UserError(
+                f"checkpoint.initial_load_in_hf: model {self.spec.name} has no Hugging Face "
+                "adapter; its package does not support HF weights"
+            )
+        folder = Path(c.checkpoint.initial_load_path)
+        if not folder.is_dir():
+            raise UserError(f"checkpoint.initial_load_path: {folder} is not a folder")
+        args = hf_model_args(self.spec, folder, c.training.seq_len)
+        if args != self.model_args:
+            logger.info("model args from %s/config.json (not flavor %s's)", folder, c.model.flavor)
+        return args
 
     def prepare_dump_folder(self) -> None:
         """Create the dump folder, keep an earlier run's files, write the resolved config."""
@@ -473,6 +493,10 @@ class Trainer:
                 self.log_step(loss, grad_norm, lr, tps, now - start, blocked)
                 window_start, window_tokens = now, 0
         self.checkpointer.close()
+        if self.config.checkpoint.last_save_in_hf:
+            from titan_core.hf_load import save_hf_weights
+
+            save_hf_weights(self, self.step)
         elapsed = time.perf_counter() - start
         self.metrics.close()
         steps_run = max(t.steps - first_step + 1, 1)

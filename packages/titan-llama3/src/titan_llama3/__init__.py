@@ -1,4 +1,4 @@
-"""Llama 3 / 3.1 / 3.2 for titan: model, flavors, parallelize plan.
+"""Llama 3 / 3.1 / 3.2 for titan: model, flavors, parallelize plan, HF adapter.
 
 Installing this package registers the ``llama3`` model (entry point ``titan.models``).
 """
@@ -7,6 +7,7 @@ from titan_core import TrainSpec
 from titan_core.metrics import llama_flops_per_token
 from titan_core.parallel.pipeline import build_pipeline
 from titan_llama3.args import LLAMA3_FLAVORS, Llama3Args
+from titan_llama3.hf_adapter import Llama3StateDictAdapter
 from titan_llama3.model import Transformer
 from titan_llama3.parallelize import parallelize_llama
 
@@ -25,7 +26,15 @@ train_spec = TrainSpec(
     model_cls=Transformer,
     parallelize_fn=parallelize_llama,
     pipelining_fn=build_pipeline,
+    state_dict_adapter=Llama3StateDictAdapter(),
     flops_per_token_fn=flops_per_token,
 )
 
-__all__ = ["LLAMA3_FLAVORS", "Llama3Args", "Transformer", "parallelize_llama", "train_spec"]
+__all__ = [
+    "LLAMA3_FLAVORS",
+    "Llama3Args",
+    "Llama3StateDictAdapter",
+    "Transformer",
+    "parallelize_llama",
+    "train_spec",
+]

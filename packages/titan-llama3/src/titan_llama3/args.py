@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from titan_core.models import Llama3RopeScaling
+from titan_core.models import Llama3RopeScaling, swiglu_hidden_dim
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -23,10 +23,21 @@ class Llama3Args:
     rope_scaling: Llama3RopeScaling | None = None
     max_seq_len: int = 8192
     tie_word_embeddings: bool = False
+    # Explicit sizes, for checkpoints whose shapes the flavor rules above do not produce (any
+    # HF config.json): None derives them from dim, n_heads, multiple_of and ffn_dim_multiplier.
+    ffn_hidden_dim: int | None = None
+    head_dim_override: int | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim_override or self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """Inner width of the SwiGLU feed-forward."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        return swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
 
 LLAMA3_FLAVORS: dict[str, Llama3Args] = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from titan_core.models import Attention, FeedForward, Llama3RoPE, RMSNorm, RoPE, swiglu_hidden_dim
+from titan_core.models import Attention, FeedForward, Llama3RoPE, RMSNorm, RoPE
 from titan_llama3.args import Llama3Args
 
 
@@ -15,9 +15,8 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, layer_id: int, args: Llama3Args) -> None:
         super().__init__()
-        hidden = swiglu_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
         self.attention = Attention(args.dim, args.n_heads, args.n_kv_heads, args.head_dim)
-        self.feed_forward = FeedForward(args.dim, hidden)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         # NOTE: residual-writing projections start smaller in deeper blocks, so the residual

@@ -1,0 +1,135 @@
+"""Conversion speed and memory: HF -> DCP -> HF of a ~1 GB random Llama vs ``cp -r``.
+
+The model has Llama 3.2 1B shapes with fewer layers, stored in bfloat16 (as the hub ships it)
+and converted in bfloat16 both ways, so every step moves the same bytes as ``cp -r`` of the
+folder. Each conversion runs as its own ``titan-convert`` process, timed from start to exit
+(interpreter start and imports included) with its peak RSS read from the kernel's rusage for
+that process alone. ``cp -r`` runs in the same round, on the same warm page cache.
+
+    nox -s bench -- convert            # or: python bench/bench_convert.py --layers 4 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from titan_core.hf import CONFIG_FILE, HFWriter, write_json
+from titan_llama3 import LLAMA3_FLAVORS, train_spec
+
+MB = 2**20
+
+
+def build_hf_folder(folder: Path, n_layers: int, shard_bytes: int) -> None:
+    """A random bf16 Llama (1B shapes, ``n_layers`` blocks) as an HF folder, tensor by tensor."""
+    adapter = train_spec.state_dict_adapter
+    args = dataclasses.replace(LLAMA3_FLAVORS["1B"], n_layers=n_layers, max_seq_len=8192)
+    layout = {k: (s, torch.bfloat16) for k, s in adapter.expected_hf(args).items()}
+    folder.mkdir(parents=True)
+    writer = HFWriter(folder, layout, shard_bytes)
+    for name, (shape, dtype) in layout.items():
+        writer.write(name, (torch.randn(shape) * 0.02).to(dtype))
+    writer.close()
+    write_json(folder / CONFIG_FILE, adapter.hf_config(args, torch.bfloat16))
+
+
+# NOTE: a child's peak RSS starts at its parent's (Linux carries the high-water mark across
+# fork and exec), and this process holds torch. A bare interpreter launches each command, so the
+# figure is the command's own.
+_LAUNCHER = """
+import os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
+def measure(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB) of one command, run as its own process."""
+    out = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    seconds, rss_kib, code = out.split()
+    if code != "0":
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return float(seconds), int(rss_kib) / 1024
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def largest_file(folder: Path, suffix: str) -> int:
+    return max(p.stat().st_size for p in folder.iterdir() if p.name.endswith(suffix))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4, help="blocks (4: about 1 GB in bf16)")
+    parser.add_argument("--shard-size", default="500MB", help="safetensors shard size, both ways")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds; the best time is reported")
+    parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
+    opts = parser.parse_args()
+    from titan_convert.dcp_to_hf import parse_size
+
+    work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=opts.workdir))
+    try:
+        src = work / "hf"
+        build_hf_folder(src, opts.layers, parse_size(opts.shard_size))
+        size = folder_bytes(src)
+        convert = [sys.executable, "-m", "titan_convert"]
+        steps = {
+            "cp -r (reference)": ["cp", "-r", str(src), str(work / "copy")],
+            "cp -r + sync": ["sh", "-c", f"cp -r '{src}' '{work / 'copy'}' && sync"],
+            "hf-to-dcp": [*convert, "hf-to-dcp", str(src), str(work / "dcp"), "--dtype",
+                          "bfloat16"],
+            "dcp-to-hf": [*convert, "dcp-to-hf", str(work / "dcp"), str(work / "out"),
+                          "--export-dtype", "bfloat16", "--max-shard-size", opts.shard_size],
+        }  # fmt: skip
+        startup, baseline = measure(
+            [
+                sys.executable,
+                "-c",
+                "import titan_convert.hf_to_dcp, titan_convert.dcp_to_hf, titan_llama3",
+            ]
+        )
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+        for _ in range(opts.rounds):
+            for name, cmd in steps.items():
+                shutil.rmtree(work / "copy", ignore_errors=True)
+                if name != "dcp-to-hf":
+                    shutil.rmtree(work / "dcp", ignore_errors=True)
+                shutil.rmtree(work / "out", ignore_errors=True)
+                # NOTE: written-back page cache before every step: the kernel throttles a writer
+                # while earlier steps' dirty pages are still being flushed.
+                os.sync()
+                results[name].append(measure(cmd))
+        shard = largest_file(src, ".safetensors")
+        cp_seconds = min(s for s, _ in results["cp -r (reference)"])
+        print(f"\nmodel: {size / MB:,.0f} MiB bf16 in {len(list(src.glob('*.safetensors')))} "
+              f"shards (largest {shard / MB:,.0f} MiB); interpreter + imports alone: "
+              f"{startup:.2f} s, {baseline:,.0f} MiB RSS; {os.cpu_count()} cores\n")  # fmt: skip
+        print(
+            "| step | seconds | MiB/s | throughput vs cp | peak RSS (MiB) | RSS / largest shard |"
+        )
+        print("|---|---|---|---|---|---|")
+        for name, runs in results.items():
+            seconds = min(s for s, _ in runs)
+            rss = max(r for _, r in runs)
+            print(f"| {name} | {seconds:.2f} | {size / MB / seconds:,.0f} | "
+                  f"{cp_seconds / seconds:.0%} | {rss:,.0f} | {rss * MB / shard:.2f} |")  # fmt: skip
+        assert folder_bytes(work / "out") == size  # the round trip wrote every byte back
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

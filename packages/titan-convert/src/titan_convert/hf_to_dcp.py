@@ -1,0 +1,132 @@
+"""HF folder -> titan checkpoint (DCP + ``titan.json``), one tensor in memory at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.planner import WriteItem
+
+from titan_convert.output import Progress, check_output, staged
+from titan_core.checkpoint import META_FILE
+from titan_core.hf import (
+    GENERATION_CONFIG_FILE,
+    HFReader,
+    adapter_of,
+    flavor_name,
+    read_hf_config,
+    read_titan_tensor,
+    spec_for_hf_folder,
+)
+from titan_core.pretrained import single_process_dcp
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class StreamingSavePlanner(DefaultSavePlanner):
+    """Plans a DCP save from meta tensors and reads each tensor only when DCP writes it.
+
+    DCP needs only names, shapes and dtypes to plan; the storage writer then asks for the
+    tensors one by one through :meth:`resolve_data`, so one tensor is in memory at a time.
+
+    Args:
+        read: titan name -> the tensor to store.
+    """
+
+    def __init__(self, read: Any) -> None:
+        super().__init__()
+        self.read = read
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        return self.read(write_item.index.fqn.removeprefix("model."))
+
+
+def _describe(spec: Any, args: Any, hf_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """``titan.json`` of a converted checkpoint: what the trainer writes for a seed checkpoint,
+    plus the HF config files, so converting back keeps token ids and generation settings."""
+    from titan_core.config import JobConfig, to_toml
+
+    flavor = flavor_name(spec, args)
+    tokenizer = str(hf_dir.resolve()) if (hf_dir / TOKENIZER_FILE).is_file() else None
+    job = JobConfig()
+    job.model.name, job.model.flavor = spec.name, flavor
+    if tokenizer is not None:
+        job.model.hf_assets_path = tokenizer
+    generation = hf_dir / GENERATION_CONFIG_FILE
+    return {
+        "step": 0,
+        "model_only": True,
+        "tokens_seen": 0,
+        "model": spec.name,
+        "flavor": flavor,
+        "model_args": dataclasses.asdict(args),
+        "tokenizer": tokenizer,
+        "config": to_toml(job),
+        "converted_from": str(hf_dir.resolve()),
+        "hf_config": config,
+        "hf_generation_config": json.loads(generation.read_text(encoding="utf-8"))
+        if generation.is_file()
+        else None,
+    }
+
+
+def hf_to_dcp(
+    hf_dir: Path,
+    out_dir: Path,
+    model_name: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
+    """Convert the HF folder ``hf_dir`` into the titan checkpoint folder ``out_dir``.
+
+    Everything is checked before anything is written: config.json, the family, every tensor's
+    name and shape, every shard's size.
+
+    Args:
+        hf_dir: config.json and safetensors weights.
+        out_dir: the checkpoint folder to create (``load_pretrained`` and the trainer's
+            ``checkpoint.initial_load_path`` read it).
+        model_name: the titan model family; default: the one claiming config.json's model_type.
+        dtype: dtype of the stored weights.
+        overwrite: replace a non-empty ``out_dir``.
+    """
+    spec = spec_for_hf_folder(hf_dir, model_name)
+    adapter = adapter_of(spec)
+    config = read_hf_config(hf_dir)
+    args = adapter.args_from_hf_config(config)
+    reader = HFReader(hf_dir)
+    reader.validate(adapter.expected_hf(args))
+    check_output(out_dir, hf_dir, overwrite)
+
+    shapes = adapter.titan_shapes(args)
+    progress = Progress(sum(s.numel() for s in map(torch.Size, shapes.values())) * dtype.itemsize,
+                        "hf-to-dcp")  # fmt: skip
+
+    # NOTE: the previous tensor is kept for a tied twin (DCP writes same-size tensors one after
+    # the other), and dropped before the next read, so one tensor is in memory at a time.
+    last: dict[str, torch.Tensor] = {}
+
+    def read(name: str) -> torch.Tensor:
+        hf_name = adapter.hf_name(args, name)
+        if hf_name not in last:
+            last.clear()
+            last[hf_name] = read_titan_tensor(reader, adapter, args, name).to(dtype).contiguous()
+        progress.update(last[hf_name].nbytes)
+        return last[hf_name]
+
+    state = {"model": {k: torch.empty(s, dtype=dtype, device="meta") for k, s in shapes.items()}}
+    with staged(out_dir) as temp:
+        writer = FileSystemWriter(str(temp), single_file_per_rank=False)
+        with single_process_dcp():
+            planner = StreamingSavePlanner(read)
+            dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
+        progress.close()
+        meta = _describe(spec, args, hf_dir, config)
+        (temp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return out_dir

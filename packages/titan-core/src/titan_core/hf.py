@@ -1,0 +1,425 @@
+"""Hugging Face interop, model-agnostic: state-dict adapters and the drivers that use them.
+
+A model package describes its HF format with a :class:`StateDictAdapter` subclass (key map with
+``{}`` layer templates, tensor transforms, config.json mapping) and sets it as its TrainSpec's
+``state_dict_adapter``. Everything here is generic: titan-convert, ``load_pretrained`` and the
+trainer drive any family's adapter the same way, one tensor at a time. The safetensors files
+themselves are read and written by :mod:`titan_core.safetensors_io`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from titan_core.errors import UserError
+from titan_core.safetensors_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    HFReader,
+    HFWriter,
+    listing,
+    write_json,
+)
+from titan_core.train_spec import TrainSpec, available_models, get_train_spec
+
+__all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_MAX_SHARD_BYTES",
+    "GENERATION_CONFIG_FILE",
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "CheckpointExport",
+    "HFReader",
+    "HFWriter",
+    "StateDictAdapter",
+    "adapter_of",
+    "convert_dcp_to_hf",
+    "flavor_name",
+    "read_hf_config",
+    "read_titan_tensor",
+    "rope_rows_from_hf",
+    "rope_rows_to_hf",
+    "spec_for_hf_folder",
+    "write_json",
+]
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+# ---- RoPE layout ----------------------------------------------------------------------------
+
+
+def rope_rows_from_hf(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Reorder the rows of a q/k projection from HF's rotate-half layout to titan's pairs.
+
+    Within each head HF rotates dimension ``j`` with ``j + head_dim/2``; titan's RoPE rotates
+    ``2j`` with ``2j + 1``. Row ``half * head_dim/2 + j`` of an HF head becomes row
+    ``2j + half``. Works on any number of whole heads (rows a multiple of ``head_dim``).
+    """
+    rows, *rest = weight.shape
+    halves = weight.reshape(rows // head_dim, 2, head_dim // 2, *rest)  # (H, half, j, ...)
+    return halves.transpose(1, 2).reshape(rows, *rest)  # (H, j, half, ...) -> rows
+
+
+def rope_rows_to_hf(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of :func:`rope_rows_from_hf`: titan's pairs back to HF's rotate-half rows."""
+    rows, *rest = weight.shape
+    pairs = weight.reshape(rows // head_dim, head_dim // 2, 2, *rest)  # (H, j, half, ...)
+    return pairs.transpose(1, 2).reshape(rows, *rest)  # (H, half, j, ...) -> rows
+
+
+# ---- the adapter ----------------------------------------------------------------------------
+
+
+class StateDictAdapter:
+    """How one model family maps to and from its Hugging Face format; subclass per family.
+
+    A subclass sets the class attributes and implements :meth:`args_from_hf_config` and
+    :meth:`hf_config`; it overrides :meth:`from_hf`/:meth:`to_hf` (and :meth:`row_block`) for
+    tensors whose layout differs. Names are mapped through ``key_map``, whose ``{}`` stands for
+    a layer index. A titan parameter tied to an earlier one (the output projection sharing the
+    embedding table) has no HF tensor of its own: it reads its twin's and writes nothing.
+
+    Attributes:
+        model_types: the config.json ``model_type`` values this family claims.
+        architecture: the config.json ``architectures`` entry, e.g. ``LlamaForCausalLM``.
+        model_cls: the family's model class; ``model_cls(args)`` is built on the meta device to
+            learn parameter names, shapes and ties.
+        key_map: titan name template -> HF name template.
+    """
+
+    model_types: tuple[str, ...] = ()
+    architecture: str = ""
+    model_cls: type[nn.Module]
+    key_map: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self) -> None:
+        self._patterns = [
+            (re.compile("^" + re.escape(titan).replace(r"\{\}", r"(\d+)") + "$"), hf)
+            for titan, hf in self.key_map.items()
+        ]
+        self._layouts: dict[str, tuple[dict[str, tuple[int, ...]], dict[str, str]]] = {}
+
+    # ---- config.json -----------------------------------------------------------------
+
+    def args_from_hf_config(self, config: dict[str, Any]) -> Any:
+        """The model args that config.json describes, exactly; UserError for what we lack."""
+        raise NotImplementedError
+
+    def hf_config(self, args: Any, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """The config.json content for ``args``, with weights stored in ``dtype``."""
+        raise NotImplementedError
+
+    def hf_generation_config(self, args: Any) -> dict[str, Any]:
+        """The generation_config.json content (the args hold no token ids: empty by default)."""
+        return {}
+
+    # ---- names and shapes ------------------------------------------------------------
+
+    def titan_layout(self, args: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+        """(titan name -> shape, tied name -> the name it shares its tensor with), cached."""
+        key = repr(args)  # model args may be unhashable; a dataclass repr names every field
+        if key not in self._layouts:
+            with torch.device("meta"):
+                model = self.model_cls(args)
+            shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+            first: dict[int, str] = {}
+            ties = {}
+            for name, param in model.named_parameters(remove_duplicate=False):
+                ties_to = first.setdefault(id(param), name)
+                if ties_to != name:
+                    ties[name] = ties_to
+            self._layouts[key] = (shapes, ties)
+        return self._layouts[key]
+
+    def titan_shapes(self, args: Any) -> dict[str, tuple[int, ...]]:
+        """Every titan state-dict name (tied ones included) and its shape."""
+        return self.titan_layout(args)[0]
+
+    def hf_name(self, args: Any, titan_name: str) -> str:
+        """The HF key the titan tensor ``titan_name`` is read from (a tied one: its twin's)."""
+        titan_name = self.titan_layout(args)[1].get(titan_name, titan_name)
+        for pattern, hf in self._patterns:
+            match = pattern.match(titan_name)
+            if match:
+                return hf.replace("{}", match.group(1)) if match.groups() else hf
+        raise KeyError(f"{type(self).__name__} has no HF name for '{titan_name}'")
+
+    def expected_hf(self, args: Any) -> dict[str, tuple[int, ...]]:
+        """Every HF key an HF folder of ``args`` holds, and its shape."""
+        expected = {}
+        for name, shape in self.titan_shapes(args).items():
+            for hf_name, tensor in self.to_hf(args, name, torch.empty(shape, device="meta")):
+                expected[hf_name] = tuple(tensor.shape)
+        return expected
+
+    # ---- tensors ---------------------------------------------------------------------
+
+    def row_block(self, args: Any, titan_name: str) -> int:
+        """Rows come in blocks of this many: :meth:`from_hf` is valid on whole blocks only."""
+        return 1
+
+    def from_hf(self, args: Any, titan_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The HF tensor of ``titan_name`` (or whole row blocks of it) in titan's layout."""
+        return tensor
+
+    def to_hf(
+        self, args: Any, titan_name: str, tensor: torch.Tensor
+    ) -> list[tuple[str, torch.Tensor]]:
+        """The HF (name, tensor) pairs of one titan tensor; none for a tied one."""
+        if titan_name in self.titan_layout(args)[1]:
+            return []
+        return [(self.hf_name(args, titan_name), tensor)]
+
+
+def flavor_name(spec: TrainSpec, args: Any) -> str:
+    """The flavor whose args equal ``args`` (its RoPE table length aside), else ``custom``."""
+    for name, flavor in spec.flavors.items():
+        if hasattr(flavor, "max_seq_len"):
+            flavor = dataclasses.replace(flavor, max_seq_len=args.max_seq_len)
+        if flavor == args:
+            return name
+    return "custom"
+
+
+def adapter_of(spec: TrainSpec) -> StateDictAdapter:
+    """The spec's HF adapter; UserError if the family has none."""
+    if spec.state_dict_adapter is None:
+        raise UserError(
+            f"model '{spec.name}' has no Hugging Face adapter (its TrainSpec's "
+            "state_dict_adapter is None); it cannot be converted to or from HF"
+        )
+    return spec.state_dict_adapter
+
+
+# ---- config.json and the family --------------------------------------------------------------
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``config.json`` of an HF folder (UserError if missing or not a JSON object)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(
+            f"{path} not found; pass a Hugging Face model folder (config.json and *.safetensors)"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def spec_for_hf_folder(folder: str | os.PathLike, model_name: str | None = None) -> TrainSpec:
+    """The installed TrainSpec for an HF folder: ``model_name`` if given, else the one whose
+    adapter claims config.json's ``model_type``.
+
+    Raises:
+        UserError: no config.json, or no (or more than one) installed family claims its
+            model_type; the message lists the model types that are supported.
+    """
+    config = read_hf_config(folder)
+    if model_name is not None:
+        spec = get_train_spec(model_name)
+        adapter_of(spec)
+        return spec
+    model_type = config.get("model_type")
+    claims: dict[str, list[str]] = {}
+    specs = {}
+    for name in available_models():
+        try:
+            spec = get_train_spec(name)
+        except UserError:
+            continue  # a broken plugin must not hide the working ones
+        for claimed in getattr(spec.state_dict_adapter, "model_types", ()):
+            claims.setdefault(claimed, []).append(name)
+            specs[name] = spec
+    owners = claims.get(model_type, [])
+    if len(owners) == 1:
+        return specs[owners[0]]
+    known = ", ".join(f"{t} ({'/'.join(n)})" for t, n in sorted(claims.items())) or "none"
+    path = Path(folder) / CONFIG_FILE
+    if owners:
+        raise UserError(
+            f"{path}: model_type '{model_type}' is claimed by several installed models "
+            f"({', '.join(owners)}); pick one with --model.name"
+        )
+    raise UserError(
+        f"{path}: model_type '{model_type}' is not supported by any installed model package "
+        f"(supported: {known}); install the package for it or pass --model.name"
+    )
+
+
+# ---- reading titan tensors from HF files ----------------------------------------------------
+
+
+def read_titan_tensor(
+    reader: HFReader,
+    adapter: StateDictAdapter,
+    args: Any,
+    titan_name: str,
+    rows: slice | None = None,
+    cols: slice | None = None,
+) -> torch.Tensor:
+    """Titan tensor ``titan_name``, or its ``[rows, cols]``, read from an HF folder.
+
+    Only the whole row blocks covering ``rows`` are read (and of them only ``cols``), so a
+    sharded loader (FSDP rows, tensor-parallel rows or columns) reads just its share.
+    """
+    hf_name = adapter.hf_name(args, titan_name)
+    if rows is None:
+        return adapter.from_hf(args, titan_name, reader.read(hf_name, cols=cols))
+    block = adapter.row_block(args, titan_name)
+    start, stop, step = rows.indices(reader.shapes[hf_name][0])
+    if step != 1:
+        raise ValueError(f"read_titan_tensor: rows must be contiguous, got {rows}")
+    first, last = start // block * block, -(-stop // block) * block
+    tensor = reader.read(hf_name, rows=slice(first, last), cols=cols)
+    return adapter.from_hf(args, titan_name, tensor)[start - first : stop - first]
+
+
+# ---- a titan checkpoint as an HF folder ------------------------------------------------------
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+# Config keys that do not follow from the model args but name tokens; kept from the HF folder a
+# checkpoint was converted from.
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class CheckpointExport:
+    """A titan checkpoint's HF folder: checked on construction, written by :meth:`write`.
+
+    Args:
+        folder: a checkpoint folder (``step-N``, holding ``titan.json``).
+        export_dtype: dtype of the safetensors weights.
+
+    Raises:
+        UserError: the checkpoint's model has no adapter, or its tensors do not match the model
+            its ``titan.json`` describes (the differences are listed).
+    """
+
+    def __init__(self, folder: Path, export_dtype: torch.dtype = torch.float32) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        from titan_core.pretrained import model_args_of, read_meta
+
+        self.folder, self.dtype = Path(folder), export_dtype
+        self.meta = read_meta(self.folder)
+        spec = get_train_spec(self.meta["model"])
+        self.adapter = adapter_of(spec)
+        self.args = model_args_of(spec, self.meta, str(folder))
+        self.reader = FileSystemReader(str(self.folder))
+        try:
+            stored = self.reader.read_metadata().state_dict_metadata
+        except Exception as e:
+            raise UserError(f"{folder}: the DCP metadata cannot be read ({e})") from None
+        self.stored = {
+            k.removeprefix("model."): m for k, m in stored.items() if k.startswith("model.")
+        }
+        self.shapes = self.adapter.titan_shapes(self.args)
+        self._check()
+        self.layout = {  # HF name -> (shape, dtype)
+            hf_name: (tuple(shape), export_dtype)
+            for hf_name, shape in self.adapter.expected_hf(self.args).items()
+        }
+        self.total_bytes = sum(torch.Size(s).numel() * d.itemsize for s, d in self.layout.values())
+
+    def _check(self) -> None:
+        stored = {k: tuple(m.size) for k, m in self.stored.items()}
+        diffs = sorted(
+            f"{k}: checkpoint {stored.get(k, 'missing')}, model {self.shapes.get(k, 'missing')}"
+            for k in set(stored) | set(self.shapes)
+            if stored.get(k) != self.shapes.get(k)
+        )
+        if diffs:
+            raise UserError(
+                f"{self.folder}: the weights do not match its titan.json model_args "
+                f"({listing(diffs)})"
+            )
+
+    def write(
+        self,
+        out_dir: Path,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Write config files, tokenizer files and the weights into the existing ``out_dir``,
+        one tensor in memory at a time; ``progress(nbytes)`` after each tensor."""
+        import torch.distributed.checkpoint as dcp
+
+        from titan_core.pretrained import single_process_dcp
+
+        writer = HFWriter(out_dir, self.layout, max_shard_bytes)
+        tied = self.adapter.titan_layout(self.args)[1]
+        for name, shape in self.shapes.items():
+            if name in tied:
+                continue  # shares its twin's tensor: HF stores it once
+            tensor = torch.empty(shape, dtype=self.stored[name].properties.dtype)
+            with single_process_dcp():
+                dcp.load({"model": {name: tensor}}, storage_reader=self.reader, no_dist=True)
+            for hf_name, hf_tensor in self.adapter.to_hf(self.args, name, tensor):
+                writer.write(hf_name, hf_tensor.to(self.dtype))
+                if progress is not None:
+                    progress(hf_tensor.numel() * self.dtype.itemsize)
+            del tensor
+        writer.close()
+        self._write_configs(Path(out_dir))
+
+    def _write_configs(self, out_dir: Path) -> None:
+        """config.json, generation_config.json and the tokenizer files next to the weights."""
+        config = self.adapter.hf_config(self.args, self.dtype)
+        source = self.meta.get("hf_config") or {}
+        config.update({k: source[k] for k in TOKEN_ID_KEYS if k in source})
+        write_json(out_dir / CONFIG_FILE, config)
+        generation = self.meta.get("hf_generation_config")
+        write_json(
+            out_dir / GENERATION_CONFIG_FILE,
+            generation or self.adapter.hf_generation_config(self.args),
+        )
+        tokenizer = self._tokenizer_folder()
+        for file in TOKENIZER_FILES:
+            if tokenizer is not None and (tokenizer / file).is_file():
+                shutil.copy2(tokenizer / file, out_dir / file)
+
+    def _tokenizer_folder(self) -> Path | None:
+        name = self.meta.get("tokenizer")
+        if name == "embedded":
+            from titan_core.data.embedded import embedded_assets_dir
+
+            return embedded_assets_dir()
+        return Path(name) if name and Path(name).is_dir() else None
+
+
+def convert_dcp_to_hf(
+    folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    export_dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write the titan checkpoint ``folder`` (a ``step-N``) as an HF folder into ``out_dir``
+    (created if needed), tensor by tensor. titan-convert adds the safe output folder and
+    progress; the trainer's ``checkpoint.last_save_in_hf`` calls this directly."""
+    export = CheckpointExport(Path(folder), export_dtype)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    export.write(Path(out_dir), max_shard_bytes)

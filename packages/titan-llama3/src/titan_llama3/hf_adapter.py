@@ -1,0 +1,211 @@
+"""Llama 3 <-> Hugging Face ``LlamaForCausalLM``: key map, RoPE row order, config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from titan_core.errors import UserError
+from titan_core.hf import StateDictAdapter, rope_rows_from_hf, rope_rows_to_hf
+from titan_core.models import Llama3RopeScaling
+from titan_llama3.args import LLAMA3_FLAVORS, Llama3Args
+from titan_llama3.model import Transformer
+
+_REQUIRED = object()
+# What transformers' LlamaConfig assumes for a key config.json leaves out.
+_HF_DEFAULTS = {
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+}
+_LLAMA3_ROPE_KEYS = {f.name for f in dataclasses.fields(Llama3RopeScaling)}
+
+
+def _get(
+    config: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED, where: str = ""
+) -> Any:
+    """``config[key]`` checked against ``kind``; a missing (or null) key takes ``default``."""
+    value = config.get(key)
+    key = where + key
+    if value is None:
+        if default is _REQUIRED:
+            raise UserError(f"config.json: '{key}' is missing; a Llama config needs it")
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(
+            f"config.json: '{key}' is {value!r}, expected {kind.__name__}; fix config.json"
+        )
+    return value
+
+
+def _refuse(config: dict[str, Any], key: str, supported: Any) -> None:
+    value = config.get(key, _HF_DEFAULTS[key])
+    if value != supported:
+        raise UserError(
+            f"config.json: '{key}' is {value!r}; titan's Llama supports only {supported!r}"
+        )
+
+
+def _rope(config: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
+    """(theta, scaling) from either spelling: transformers 5's ``rope_parameters`` or the older
+    ``rope_theta`` + ``rope_scaling`` (whose type key is ``rope_type`` or ``type``)."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+    if not isinstance(params, dict):
+        raise UserError(f"config.json: '{key}' is {params!r}, expected an object")
+    theta = _get({**config, **params}, "rope_theta", float, _HF_DEFAULTS["rope_theta"])
+    kind = params.get("rope_type", params.get("type", "default"))
+    values = {k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta")}
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise UserError(
+            f"config.json: {key}.rope_type '{kind}' is not supported (supported: default, "
+            "llama3); titan's Llama has no such RoPE variant"
+        )
+    unknown = sorted(set(values) - _LLAMA3_ROPE_KEYS)
+    if unknown:
+        raise UserError(f"config.json: {key} has keys titan does not support: {unknown}")
+    fields = {"original_max_position_embeddings": int}
+    scaling = {k: _get(values, k, fields.get(k, float), where=f"{key}.") for k in _LLAMA3_ROPE_KEYS}
+    return theta, Llama3RopeScaling(**scaling)
+
+
+def _same_shapes(a: Llama3Args, b: Llama3Args) -> bool:
+    """Whether two args build the same model, however their sizes are spelled."""
+
+    def explicit(args: Llama3Args) -> Llama3Args:
+        return dataclasses.replace(
+            args,
+            multiple_of=1,
+            ffn_dim_multiplier=None,
+            ffn_hidden_dim=args.hidden_dim,
+            head_dim_override=args.head_dim,
+        )
+
+    return explicit(a) == explicit(b)
+
+
+class Llama3StateDictAdapter(StateDictAdapter):
+    """titan's Llama 3 <-> ``LlamaForCausalLM`` (config.json ``model_type: llama``).
+
+    NOTE: HF's Llama rotates dimension ``j`` of a head with ``j + head_dim/2`` (rotate-half);
+    titan's RoPE rotates interleaved pairs ``(2j, 2j+1)``, like Meta's original code. The rows
+    of ``wq`` and ``wk`` are reordered within each head so both give the same attention scores.
+    """
+
+    model_types = ("llama",)
+    architecture = "LlamaForCausalLM"
+    model_cls = Transformer
+    key_map: ClassVar[dict[str, str]] = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+        "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+        "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+        "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+        "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+        "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+        "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+        "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
+        "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    _ROPE_ROWS = (".attention.wq.weight", ".attention.wk.weight")
+
+    # ---- config.json -----------------------------------------------------------------
+
+    def args_from_hf_config(self, config: dict[str, Any]) -> Llama3Args:
+        """Exact args for a ``LlamaConfig``; a shipped flavor's args when the shapes match one.
+
+        Raises:
+            UserError: a required key is missing or mistyped, or the config uses a feature
+                titan's Llama lacks (biases, another activation or RoPE variant); names the key.
+        """
+        _refuse(config, "hidden_act", "silu")
+        _refuse(config, "attention_bias", False)
+        _refuse(config, "mlp_bias", False)
+        dim = _get(config, "hidden_size", int)
+        n_heads = _get(config, "num_attention_heads", int)
+        n_kv_heads = _get(config, "num_key_value_heads", int, n_heads)
+        head_dim = _get(config, "head_dim", int, dim // n_heads)
+        if n_heads % n_kv_heads or head_dim % 2:
+            raise UserError(
+                f"config.json: num_attention_heads={n_heads} must be a multiple of "
+                f"num_key_value_heads={n_kv_heads} and head_dim={head_dim} even"
+            )
+        theta, scaling = _rope(config)
+        args = Llama3Args(
+            dim=dim,
+            n_layers=_get(config, "num_hidden_layers", int),
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            vocab_size=_get(config, "vocab_size", int),
+            ffn_hidden_dim=_get(config, "intermediate_size", int),
+            head_dim_override=None if head_dim == dim // n_heads else head_dim,
+            norm_eps=_get(config, "rms_norm_eps", float, _HF_DEFAULTS["rms_norm_eps"]),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_seq_len=_get(
+                config, "max_position_embeddings", int, _HF_DEFAULTS["max_position_embeddings"]
+            ),
+            tie_word_embeddings=_get(config, "tie_word_embeddings", bool, False),
+        )
+        for flavor in LLAMA3_FLAVORS.values():
+            flavor = dataclasses.replace(flavor, max_seq_len=args.max_seq_len)
+            if _same_shapes(flavor, args):
+                return flavor
+        return args
+
+    def hf_config(self, args: Llama3Args, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """config.json for ``args``, in the spelling transformers 4.x and 5.x both read."""
+        scaling = args.rope_scaling
+        dtype_name = str(dtype).removeprefix("torch.")
+        return {
+            "architectures": [self.architecture],
+            "model_type": self.model_types[0],
+            "hidden_size": args.dim,
+            "intermediate_size": args.hidden_dim,
+            "num_hidden_layers": args.n_layers,
+            "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads,
+            "head_dim": args.head_dim,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "max_position_embeddings": args.max_seq_len,
+            "rms_norm_eps": args.norm_eps,
+            "rope_theta": args.rope_theta,
+            "rope_scaling": None
+            if scaling is None
+            else {"rope_type": "llama3", **dataclasses.asdict(scaling)},
+            "tie_word_embeddings": args.tie_word_embeddings,
+            "vocab_size": args.vocab_size,
+            "torch_dtype": dtype_name,  # transformers 4.x
+            "dtype": dtype_name,  # transformers 5.x
+        }
+
+    # ---- tensors ---------------------------------------------------------------------
+
+    def row_block(self, args: Llama3Args, titan_name: str) -> int:
+        return args.head_dim if titan_name.endswith(self._ROPE_ROWS) else 1
+
+    def from_hf(self, args: Llama3Args, titan_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if titan_name.endswith(self._ROPE_ROWS):
+            return rope_rows_from_hf(tensor, args.head_dim)
+        return tensor
+
+    def to_hf(
+        self, args: Llama3Args, titan_name: str, tensor: torch.Tensor
+    ) -> list[tuple[str, torch.Tensor]]:
+        if titan_name.endswith(self._ROPE_ROWS):
+            tensor = rope_rows_to_hf(tensor, args.head_dim)
+        return super().to_hf(args, titan_name, tensor)
