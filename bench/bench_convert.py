@@ -53,6 +53,20 @@ print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(st
 """
 
 
+_RAW_COPY = """
+import os, sys
+src, dst = sys.argv[1:]
+os.mkdir(dst)
+for name in sorted(os.listdir(src)):
+    with open(os.path.join(src, name), "rb") as f:
+        data = f.read()
+    with open(os.path.join(dst, name), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+"""
+
+
 def measure(cmd: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in MiB) of one command, run as its own process."""
     out = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], capture_output=True,
@@ -89,6 +103,10 @@ def main() -> None:
         steps = {
             "cp -r (reference)": ["cp", "-r", str(src), str(work / "copy")],
             "cp -r + sync": ["sh", "-c", f"cp -r '{src}' '{work / 'copy'}' && sync"],
+            # The bytes of the folder read and written back from user space (what any
+            # converter must do, unlike cp, which copies inside the kernel): a floor for us.
+            "python read + write + fsync": [sys.executable, "-S", "-c", _RAW_COPY, str(src),
+                                            str(work / "copy")],
             "hf-to-dcp": [*convert, "hf-to-dcp", str(src), str(work / "dcp"), "--dtype",
                           "bfloat16"],
             "dcp-to-hf": [*convert, "dcp-to-hf", str(work / "dcp"), str(work / "out"),
