@@ -19,6 +19,8 @@ PACKAGES = [
     "-e",
     "packages/titan-llama3",
     "-e",
+    "packages/titan-qwen3",
+    "-e",
     "packages/titan-convert",
 ]
 

@@ -101,7 +101,7 @@ def hf_to_dcp(
     config = read_hf_config(hf_dir)
     args = adapter.args_from_hf_config(config)
     reader = HFReader(hf_dir)
-    reader.validate(adapter.expected_hf(args))
+    reader.validate(adapter.expected_hf(args), adapter.redundant_hf(args))
     check_output(out_dir, hf_dir, overwrite)
 
     shapes = adapter.titan_shapes(args)

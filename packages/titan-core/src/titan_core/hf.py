@@ -98,12 +98,16 @@ class StateDictAdapter:
         model_cls: the family's model class; ``model_cls(args)`` is built on the meta device to
             learn parameter names, shapes and ties.
         key_map: titan name template -> HF name template.
+        rope_rows: name suffixes of the tensors whose rows (per head of ``args.head_dim``) are
+            in RoPE order: HF's rotate-half halves, titan's interleaved pairs (q/k projections,
+            and per-head q/k norm scales); they are reordered both ways.
     """
 
     model_types: tuple[str, ...] = ()
     architecture: str = ""
     model_cls: type[nn.Module]
     key_map: ClassVar[Mapping[str, str]] = {}
+    rope_rows: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self._patterns = [
@@ -165,14 +169,27 @@ class StateDictAdapter:
                 expected[hf_name] = tuple(tensor.shape)
         return expected
 
+    def redundant_hf(self, args: Any) -> set[str]:
+        """HF names of tied tensors that a folder may store anyway (Qwen3-0.6B's
+        ``lm_head.weight``): accepted when present, never read, never written."""
+        names = set()
+        for tied in self.titan_layout(args)[1]:
+            for pattern, hf in self._patterns:
+                match = pattern.match(tied)
+                if match:
+                    names.add(hf.replace("{}", match.group(1)) if match.groups() else hf)
+        return names
+
     # ---- tensors ---------------------------------------------------------------------
 
     def row_block(self, args: Any, titan_name: str) -> int:
         """Rows come in blocks of this many: :meth:`from_hf` is valid on whole blocks only."""
-        return 1
+        return args.head_dim if titan_name.endswith(self.rope_rows) else 1
 
     def from_hf(self, args: Any, titan_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The HF tensor of ``titan_name`` (or whole row blocks of it) in titan's layout."""
+        if titan_name.endswith(self.rope_rows):
+            return rope_rows_from_hf(tensor, args.head_dim)
         return tensor
 
     def to_hf(
@@ -181,6 +198,8 @@ class StateDictAdapter:
         """The HF (name, tensor) pairs of one titan tensor; none for a tied one."""
         if titan_name in self.titan_layout(args)[1]:
             return []
+        if titan_name.endswith(self.rope_rows):
+            tensor = rope_rows_to_hf(tensor, args.head_dim)
         return [(self.hf_name(args, titan_name), tensor)]
 
 

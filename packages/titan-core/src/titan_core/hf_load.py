@@ -53,7 +53,8 @@ def hf_model_args(spec: Any, folder: Path, seq_len: int) -> Any:
 def check_hf_source(trainer: Any, folder: Path) -> None:
     """Before any work: every tensor the model needs is in the folder, with its shape."""
     adapter = adapter_of(trainer.spec)
-    HFReader(folder).validate(adapter.expected_hf(trainer.model_args))
+    args = trainer.model_args
+    HFReader(folder).validate(adapter.expected_hf(args), adapter.redundant_hf(args))
 
 
 def _local_box(tensor: DTensor) -> tuple[slice | None, slice | None] | None:

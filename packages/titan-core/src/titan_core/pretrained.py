@@ -128,7 +128,7 @@ def _load_hf(folder: Path, device: str | torch.device) -> nn.Module:
     adapter = adapter_of(spec)
     args = adapter.args_from_hf_config(read_hf_config(folder))
     reader = HFReader(folder)
-    reader.validate(adapter.expected_hf(args))
+    reader.validate(adapter.expected_hf(args), adapter.redundant_hf(args))
     model = build_model(spec, args, device)
     tied = adapter.titan_layout(args)[1]  # shares its twin's tensor: loaded with it
     with torch.no_grad():

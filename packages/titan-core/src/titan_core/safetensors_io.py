@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,11 +153,14 @@ class HFReader:
             f.readinto(out.reshape(-1).view(torch.uint8).numpy())
         return out
 
-    def validate(self, expected: Mapping[str, Sequence[int]]) -> None:
+    def validate(
+        self, expected: Mapping[str, Sequence[int]], ignorable: Collection[str] = ()
+    ) -> None:
         """Refuse a folder whose tensors are not exactly ``expected`` (name -> shape), listing
-        the missing, unexpected and wrong-shape tensors in one message."""
+        the missing, unexpected and wrong-shape tensors in one message. Names in ``ignorable``
+        (a tied twin some hub folders store anyway) may be present; they are never read."""
         missing = sorted(set(expected) - set(self.shapes))
-        extra = sorted(set(self.shapes) - set(expected))
+        extra = sorted(set(self.shapes) - set(expected) - set(ignorable))
         wrong = sorted(
             f"{k} {self.shapes[k]} (expected {tuple(expected[k])})"
             for k in set(expected) & set(self.shapes)

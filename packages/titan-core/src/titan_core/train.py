@@ -22,15 +22,14 @@ def _setup_logging() -> None:
 
 
 def list_models() -> str:
-    from titan_core.train_spec import available_models, get_train_spec
+    """One line per installed model: name, providing distribution, flavors (or why it is
+    broken)."""
+    from titan_core.train_spec import installed_models
 
     lines = []
-    for name, dist in available_models().items():
-        try:
-            flavors = ", ".join(get_train_spec(name).flavors)
-        except UserError as e:
-            flavors = f"(broken: {e})"
-        lines.append(f"{name:12s} from {dist}: {flavors}")
+    for model in installed_models():
+        what = f"BROKEN: {model.error}" if model.error else ", ".join(model.flavors)
+        lines.append(f"{model.name:12s} from {model.distribution}: {what}")
     return "\n".join(lines) or "no model package is installed (pip install titan-llama3)"
 
 

@@ -86,6 +86,28 @@ def available_models() -> dict[str, str]:
     return dict(sorted(names.items()))
 
 
+def _load(ep: EntryPoint) -> TrainSpec:
+    """Import one entry point; a UserError naming its distribution if that fails.
+
+    NOTE: any exception is caught (a plugin's import may fail in any way) and its message is
+    folded onto one line, so a broken plugin is one line of output, never a traceback.
+    """
+    try:
+        spec = ep.load()
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise UserError(
+            f"the entry point '{ep.value}' of distribution '{_dist_name(ep)}' failed to import "
+            f"({reason}); reinstall or fix that package"
+        ) from None
+    if not isinstance(spec, TrainSpec):
+        raise UserError(
+            f"entry point '{ep.value}' of '{_dist_name(ep)}' is a {type(spec).__name__}, not a "
+            "titan_core.TrainSpec"
+        )
+    return spec
+
+
 def get_train_spec(name: str) -> TrainSpec:
     """The TrainSpec registered as ``name``.
 
@@ -102,17 +124,45 @@ def get_train_spec(name: str) -> TrainSpec:
             f"model.name: no model '{name}' is installed (installed: {listing}); "
             f"pip install the package that provides it, e.g. titan-{name}"
         )
-    ep = installed[name]
     try:
-        spec = ep.load()
-    except Exception as e:
-        raise UserError(
-            f"model.name: the entry point '{ep.value}' of distribution '{_dist_name(ep)}' "
-            f"failed to import ({type(e).__name__}: {e}); reinstall or fix that package"
-        ) from None
-    if not isinstance(spec, TrainSpec):
-        raise UserError(
-            f"model.name: entry point '{ep.value}' of '{_dist_name(ep)}' is a "
-            f"{type(spec).__name__}, not a titan_core.TrainSpec"
-        )
-    return spec
+        return _load(installed[name])
+    except UserError as e:
+        raise UserError(f"model.name: {e}") from None
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """One registered model, as ``titan-train --list-models`` shows it.
+
+    Args:
+        name: the model name (``--model.name``).
+        distribution: the distribution providing it, with its version.
+        flavors: its flavor names; empty when it is broken.
+        error: why its entry point cannot be used, or None.
+    """
+
+    name: str
+    distribution: str
+    flavors: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def installed_models() -> list[InstalledModel]:
+    """Every registered model, sorted by name, each entry point imported to read its flavors.
+
+    A plugin that fails to import is listed with its error instead of failing the listing.
+    """
+    models = [
+        InstalledModel(name, "<registered in-process>", tuple(spec.flavors))
+        for name, spec in _LOCAL.items()
+    ]
+    for name, ep in discover().items():
+        if name in _LOCAL:
+            continue
+        version = getattr(ep.dist, "version", None)
+        dist = _dist_name(ep) + (f" {version}" if version else "")
+        try:
+            models.append(InstalledModel(name, dist, tuple(_load(ep).flavors)))
+        except UserError as e:
+            models.append(InstalledModel(name, dist, error=str(e)))
+    return sorted(models, key=lambda m: m.name)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import torch
 
 from titan_core.errors import UserError
-from titan_core.hf import StateDictAdapter, rope_rows_from_hf, rope_rows_to_hf
+from titan_core.hf import StateDictAdapter
+from titan_core.hf_config import config_value, refuse_unsupported, rope_parameters
 from titan_core.models import Llama3RopeScaling
 from titan_llama3.args import LLAMA3_FLAVORS, Llama3Args
 from titan_llama3.model import Transformer
 
-_REQUIRED = object()
 # What transformers' LlamaConfig assumes for a key config.json leaves out.
 _HF_DEFAULTS = {
     "max_position_embeddings": 2048,
@@ -27,43 +28,17 @@ _HF_DEFAULTS = {
 _LLAMA3_ROPE_KEYS = {f.name for f in dataclasses.fields(Llama3RopeScaling)}
 
 
-def _get(
-    config: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED, where: str = ""
-) -> Any:
-    """``config[key]`` checked against ``kind``; a missing (or null) key takes ``default``."""
-    value = config.get(key)
-    key = where + key
-    if value is None:
-        if default is _REQUIRED:
-            raise UserError(f"config.json: '{key}' is missing; a Llama config needs it")
-        return default
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(
-            f"config.json: '{key}' is {value!r}, expected {kind.__name__}; fix config.json"
-        )
-    return value
+_get = functools.partial(config_value, family="Llama")
 
 
 def _refuse(config: dict[str, Any], key: str, supported: Any) -> None:
-    value = config.get(key, _HF_DEFAULTS[key])
-    if value != supported:
-        raise UserError(
-            f"config.json: '{key}' is {value!r}; titan's Llama supports only {supported!r}"
-        )
+    refuse_unsupported(config, key, supported, _HF_DEFAULTS[key], family="Llama")
 
 
 def _rope(config: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     """(theta, scaling) from either spelling: transformers 5's ``rope_parameters`` or the older
     ``rope_theta`` + ``rope_scaling`` (whose type key is ``rope_type`` or ``type``)."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
-    if not isinstance(params, dict):
-        raise UserError(f"config.json: '{key}' is {params!r}, expected an object")
-    theta = _get({**config, **params}, "rope_theta", float, _HF_DEFAULTS["rope_theta"])
-    kind = params.get("rope_type", params.get("type", "default"))
-    values = {k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta")}
+    theta, kind, values, key = rope_parameters(config, _HF_DEFAULTS["rope_theta"])
     if kind == "default":
         return theta, None
     if kind != "llama3":
@@ -75,7 +50,9 @@ def _rope(config: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     if unknown:
         raise UserError(f"config.json: {key} has keys titan does not support: {unknown}")
     fields = {"original_max_position_embeddings": int}
-    scaling = {k: _get(values, k, fields.get(k, float), where=f"{key}.") for k in _LLAMA3_ROPE_KEYS}
+    scaling = {
+        k: config_value(values, k, fields.get(k, float), where=f"{key}.") for k in _LLAMA3_ROPE_KEYS
+    }
     return theta, Llama3RopeScaling(**scaling)
 
 
@@ -119,7 +96,7 @@ class Llama3StateDictAdapter(StateDictAdapter):
         "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight",
     }
-    _ROPE_ROWS = (".attention.wq.weight", ".attention.wk.weight")
+    rope_rows: ClassVar[tuple[str, ...]] = (".attention.wq.weight", ".attention.wk.weight")
 
     # ---- config.json -----------------------------------------------------------------
 
@@ -192,20 +169,3 @@ class Llama3StateDictAdapter(StateDictAdapter):
             "torch_dtype": dtype_name,  # transformers 4.x
             "dtype": dtype_name,  # transformers 5.x
         }
-
-    # ---- tensors ---------------------------------------------------------------------
-
-    def row_block(self, args: Llama3Args, titan_name: str) -> int:
-        return args.head_dim if titan_name.endswith(self._ROPE_ROWS) else 1
-
-    def from_hf(self, args: Llama3Args, titan_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if titan_name.endswith(self._ROPE_ROWS):
-            return rope_rows_from_hf(tensor, args.head_dim)
-        return tensor
-
-    def to_hf(
-        self, args: Llama3Args, titan_name: str, tensor: torch.Tensor
-    ) -> list[tuple[str, torch.Tensor]]:
-        if titan_name.endswith(self._ROPE_ROWS):
-            tensor = rope_rows_to_hf(tensor, args.head_dim)
-        return super().to_hf(args, titan_name, tensor)

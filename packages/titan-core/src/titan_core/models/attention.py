@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titan_core.models.norms import RMSNorm
 from titan_core.models.rope import apply_rope
 
 
@@ -65,3 +66,34 @@ class Attention(nn.Module):
         for linear in (self.wq, self.wk, self.wv):
             nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
         nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
+
+
+class QKNormAttention(Attention):
+    """Attention whose queries and keys are RMS-normalised per head, before RoPE (Qwen3).
+
+    ``q_norm`` and ``k_norm`` each hold one ``head_dim`` scale shared by every head, so the
+    attention logits stay bounded however large the projections grow.
+
+    Args:
+        dim: model width.
+        n_heads: query heads.
+        n_kv_heads: key/value heads.
+        head_dim: size of one head; the norms' width.
+        eps: the norms' epsilon.
+    """
+
+    def __init__(
+        self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, eps: float = 1e-6
+    ) -> None:
+        super().__init__(dim, n_heads, n_kv_heads, head_dim)
+        self.q_norm = RMSNorm(head_dim, eps=eps)
+        self.k_norm = RMSNorm(head_dim, eps=eps)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().project_qkv(x)  # each (B, S, heads, head_dim): normed over head_dim
+        return self.q_norm(q), self.k_norm(k), v
+
+    def init_weights(self, init_std: float) -> None:
+        super().init_weights(init_std)
+        self.q_norm.reset_parameters()
+        self.k_norm.reset_parameters()
