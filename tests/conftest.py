@@ -20,6 +20,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _forget_in_process_models():
+    """Models a test registers in-process (register_train_spec) do not leak into later tests."""
+    from titan_core import train_spec
+
+    before = dict(train_spec._LOCAL)
+    yield
+    train_spec._LOCAL.clear()
+    train_spec._LOCAL.update(before)
+
+
 @pytest.fixture(scope="session")
 def reference_losses(tmp_path_factory):
     """Single-process loss curve of the parity runs (FAST settings, global batch 8)."""
