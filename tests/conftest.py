@@ -32,8 +32,9 @@ def _forget_in_process_models():
 
 
 @pytest.fixture(scope="session")
-def reference_losses(tmp_path_factory):
-    """Single-process loss curve of the parity runs (FAST settings, global batch 8)."""
+def reference_run(tmp_path_factory):
+    """Dump folder of the single-process run the parity runs are compared with (FAST settings,
+    global batch 8)."""
     from helpers import FAST, losses, run_cli
 
     dump = tmp_path_factory.mktemp("reference")
@@ -42,4 +43,12 @@ def reference_losses(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = losses(dump)
     assert len(curve) == 8 and curve[0] - curve[-1] > 0.2  # it learns, so a frozen model fails
-    return curve
+    return dump
+
+
+@pytest.fixture(scope="session")
+def reference_losses(reference_run):
+    """Single-process loss curve of the parity runs."""
+    from helpers import losses
+
+    return losses(reference_run)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import FAST, losses, run_cli
+from helpers import FAST, losses, read_metrics, run_cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -81,6 +81,12 @@ def run_layout(tmp_path, extra: list[str], nproc: int = 4) -> list[float]:
     return losses(tmp_path)
 
 
+def grad_norms(dump) -> list[float]:
+    return [m["grad_norm"] for m in read_metrics(dump)]
+
+
 @pytest.mark.parametrize("extra", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_layout_matches_single_process(tmp_path, reference_losses, extra):
+def test_layout_matches_single_process(tmp_path, reference_run, reference_losses, extra):
     assert run_layout(tmp_path, extra) == pytest.approx(reference_losses, rel=1e-5, abs=0)
+    # The gradient norm (what clipping scales by) is the same under every layout too.
+    assert grad_norms(tmp_path) == pytest.approx(grad_norms(reference_run), rel=1e-5, abs=0)

@@ -26,17 +26,21 @@ def clip_grad_norm_(parts: list[nn.Module], max_norm: float, pp_mesh: DeviceMesh
     """
     groups = _grads_by_mesh(parts)
     device = next((p.device for part in parts for p in part.parameters()), torch.device("cpu"))
-    total_sq = torch.zeros((), dtype=torch.float32, device=device)
+    # NOTE: squares are summed in float64. A float32 norm of millions of gradient entries is
+    # off by ~1e-4 relative, and by a different amount under each layout (the sums are split
+    # differently), so the logged norm and the clipping factor would differ between layouts.
+    total_sq = torch.zeros((), dtype=torch.float64, device=device)
     for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        total_sq = total_sq + norm.float().to(device) ** 2
+        for grad in grads:
+            norm = torch.linalg.vector_norm(grad, 2, dtype=torch.float64)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+            total_sq = total_sq + norm.to(device) ** 2
     if pp_mesh is not None and pp_mesh.size() > 1:
         # NOTE: combined by hand: each rank's norm comes from its own meshes, and stacking
         # DTensors of different meshes (what torch's clip_grad_norm_ would do) fails.
         dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=pp_mesh.get_group())
-    total = total_sq.sqrt()
+    total = total_sq.sqrt().float()
     if math.isfinite(max_norm):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for grads in groups.values():
