@@ -58,7 +58,8 @@ def reference(model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor,
     loss = loss_fn(model(inputs), labels)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+    # The exact norm: squares summed in float64, as clip_grad_norm_ does.
+    norm = torch.stack([g.double().square().sum() for g in grads.values()]).sum().sqrt().float()
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads, norm
 
