@@ -253,18 +253,7 @@ class Checkpointer:
             if dtype != "float32":
                 cast = getattr(torch, dtype)
                 state["model"] = {k: v.to(cast) for k, v in state["model"].items()}
-        meta = {
-            "step": step,
-            "model_only": model_only,
-            "dtype": dtype,
-            "tokens_seen": step
-            * self.trainer.global_batch_size
-            * self.trainer.config.training.seq_len,
-            "lr_scheduler": self.trainer.scheduler.state_dict(),
-            "loader": self._loader_rows(),
-            "rng": torch.get_rng_state().tolist(),
-            **self.describe(),
-        }
+        meta = self.train_state(step, model_only, dtype)
         if asynchronous:
             response = dcp.async_save(
                 state,
@@ -286,6 +275,20 @@ class Checkpointer:
         blocked = time.perf_counter() - started
         logger.info("saved checkpoint %s in %.3f s", step_dir(folder, step), blocked)
         return blocked
+
+    def train_state(self, step: int, model_only: bool, dtype: str) -> dict[str, Any]:
+        """Everything but the tensors (``titan.json``), captured when the save starts."""
+        t = self.trainer
+        return {
+            "step": step,
+            "model_only": model_only,
+            "dtype": dtype,
+            "tokens_seen": step * t.global_batch_size * t.config.training.seq_len,
+            "lr_scheduler": t.scheduler.state_dict(),
+            "loader": self._loader_rows(),
+            "rng": torch.get_rng_state().tolist(),
+            **self.describe(),
+        }
 
     def _commit(
         self, step: int, partial: Path, meta: dict[str, Any], folder: Path | None = None
