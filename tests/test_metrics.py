@@ -211,3 +211,24 @@ def test_device_peak_flops_unknown_gpu_warns_and_measures_bf16(monkeypatch, capl
     assert (rate, calls) == (123e12, [torch.bfloat16])
     assert "measured bf16" in description and "RTX 4090" in description
     assert "PEAK_BF16_FLOPS" in caplog.text
+
+
+def test_tied_and_untied_models_of_one_shape_cost_the_same_flops():
+    """Tying shares the table's storage, not its work: the output matmul is counted either way."""
+    import dataclasses
+
+    from titan_llama3 import LLAMA3_FLAVORS, train_spec
+
+    def count(args) -> int:
+        with torch.device("meta"):
+            model = train_spec.model_cls(args)
+        return sum(p.numel() for p in model.parameters())  # a tied table once
+
+    tied = LLAMA3_FLAVORS["1B"]
+    untied = dataclasses.replace(tied, tie_word_embeddings=False)
+    assert count(untied) - count(tied) == tied.vocab_size * tied.dim
+    flops = train_spec.flops_per_token_fn
+    assert flops(tied, count(tied), 2048) == flops(untied, count(untied), 2048)
+    # and the output matmul is in it: 6 FLOPs per weight of the lm head
+    no_head = flops(untied, count(untied) - tied.vocab_size * tied.dim, 2048)
+    assert flops(untied, count(untied), 2048) - no_head == 6 * tied.vocab_size * tied.dim

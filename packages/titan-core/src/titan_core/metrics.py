@@ -203,9 +203,9 @@ def llama_flops_per_token(
 
     ``6 * N`` counts every weight matmul: 2 FLOPs per multiply-add forward, 4 backward (input and
     weight gradients), where ``N`` is the parameter count without the token embedding table (a
-    lookup, not a matmul). The output projection (lm head) *is* a matmul and stays in ``N`` when it
-    is untied; with tied weights it shares storage with the embedding, so it is subtracted with it
-    and the estimate undercounts by ``6 * vocab * dim``.
+    lookup, not a matmul). The output projection (lm head) *is* a matmul and stays in ``N``; with
+    tied weights the one table is both, counted once in ``num_params``, so pass
+    ``num_embedding_params=0`` (:func:`decoder_flops_per_token` does).
 
     ``12 * n_layers * n_heads * head_dim * seq_len`` counts the two attention matmuls whose size
     grows with context (``Q @ K^T`` and ``scores @ V``): ``2 * 2 * n_heads * head_dim * seq_len``
@@ -233,6 +233,19 @@ def llama_flops_per_token(
     dense = 6.0 * (num_params - num_embedding_params)
     attention = 12.0 * n_layers * n_heads * head_dim * seq_len
     return dense + attention
+
+
+def decoder_flops_per_token(args: Any, num_params: int, seq_len: int) -> float:
+    """:func:`llama_flops_per_token` for model args with ``vocab_size``, ``dim``, ``n_layers``,
+    ``n_heads``, ``head_dim`` and ``tie_word_embeddings`` (a TrainSpec's ``flops_per_token_fn``).
+
+    NOTE: an untied embedding table is a lookup and is left out; a tied one is counted once in
+    ``num_params`` and is the output matmul, so nothing is subtracted.
+    """
+    embedding = 0 if getattr(args, "tie_word_embeddings", False) else args.vocab_size * args.dim
+    return llama_flops_per_token(
+        num_params, embedding, args.n_layers, args.n_heads, args.head_dim, seq_len
+    )
 
 
 def memory_gib(device: torch.device) -> float:

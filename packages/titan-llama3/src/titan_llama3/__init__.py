@@ -4,21 +4,12 @@ Installing this package registers the ``llama3`` model (entry point ``titan.mode
 """
 
 from titan_core import TrainSpec
-from titan_core.metrics import llama_flops_per_token
+from titan_core.metrics import decoder_flops_per_token
 from titan_core.parallel.pipeline import build_pipeline
 from titan_llama3.args import LLAMA3_FLAVORS, Llama3Args
 from titan_llama3.hf_adapter import Llama3StateDictAdapter
 from titan_llama3.model import Transformer
 from titan_llama3.parallelize import parallelize_llama
-
-
-def flops_per_token(args: Llama3Args, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token (see ``titan_core.metrics.llama_flops_per_token``)."""
-    embedding = args.vocab_size * args.dim
-    return llama_flops_per_token(
-        num_params, embedding, args.n_layers, args.n_heads, args.head_dim, seq_len
-    )
-
 
 train_spec = TrainSpec(
     name="llama3",
@@ -27,7 +18,7 @@ train_spec = TrainSpec(
     parallelize_fn=parallelize_llama,
     pipelining_fn=build_pipeline,
     state_dict_adapter=Llama3StateDictAdapter(),
-    flops_per_token_fn=flops_per_token,
+    flops_per_token_fn=decoder_flops_per_token,
 )
 
 __all__ = [
