@@ -126,6 +126,32 @@ class StateDictAdapter:
         """The config.json content for ``args``, with weights stored in ``dtype``."""
         raise NotImplementedError
 
+    def decoder_hf_config(self, args: Any, dtype: torch.dtype) -> dict[str, Any]:
+        """The config.json keys every pre-norm decoder family writes the same way (args with
+        ``dim``, ``hidden_dim``, ``n_layers``, ``n_heads``, ``n_kv_heads``, ``head_dim``,
+        ``max_seq_len``, ``norm_eps``, ``rope_theta``, ``tie_word_embeddings``, ``vocab_size``);
+        a family's :meth:`hf_config` adds its own."""
+        dtype_name = str(dtype).removeprefix("torch.")
+        return {
+            "architectures": [self.architecture],
+            "model_type": self.model_types[0],
+            "hidden_size": args.dim,
+            "intermediate_size": args.hidden_dim,
+            "num_hidden_layers": args.n_layers,
+            "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads,
+            "head_dim": args.head_dim,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "max_position_embeddings": args.max_seq_len,
+            "rms_norm_eps": args.norm_eps,
+            "rope_theta": args.rope_theta,
+            "tie_word_embeddings": args.tie_word_embeddings,
+            "vocab_size": args.vocab_size,
+            "torch_dtype": dtype_name,  # transformers 4.x
+            "dtype": dtype_name,  # transformers 5.x
+        }
+
     def hf_generation_config(self, args: Any) -> dict[str, Any]:
         """The generation_config.json content (the args hold no token ids: empty by default)."""
         return {}

@@ -145,27 +145,10 @@ class Llama3StateDictAdapter(StateDictAdapter):
     def hf_config(self, args: Llama3Args, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         """config.json for ``args``, in the spelling transformers 4.x and 5.x both read."""
         scaling = args.rope_scaling
-        dtype_name = str(dtype).removeprefix("torch.")
         return {
-            "architectures": [self.architecture],
-            "model_type": self.model_types[0],
-            "hidden_size": args.dim,
-            "intermediate_size": args.hidden_dim,
-            "num_hidden_layers": args.n_layers,
-            "num_attention_heads": args.n_heads,
-            "num_key_value_heads": args.n_kv_heads,
-            "head_dim": args.head_dim,
-            "hidden_act": "silu",
-            "attention_bias": False,
+            **self.decoder_hf_config(args, dtype),
             "mlp_bias": False,
-            "max_position_embeddings": args.max_seq_len,
-            "rms_norm_eps": args.norm_eps,
-            "rope_theta": args.rope_theta,
             "rope_scaling": None
             if scaling is None
             else {"rope_type": "llama3", **dataclasses.asdict(scaling)},
-            "tie_word_embeddings": args.tie_word_embeddings,
-            "vocab_size": args.vocab_size,
-            "torch_dtype": dtype_name,  # transformers 4.x
-            "dtype": dtype_name,  # transformers 5.x
         }

@@ -119,27 +119,10 @@ class Qwen3StateDictAdapter(StateDictAdapter):
 
     def hf_config(self, args: Qwen3Args, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         """config.json for ``args``, in the spelling transformers 4.x and 5.x both read."""
-        dtype_name = str(dtype).removeprefix("torch.")
         return {
-            "architectures": [self.architecture],
-            "model_type": self.model_types[0],
-            "hidden_size": args.dim,
-            "intermediate_size": args.hidden_dim,
-            "num_hidden_layers": args.n_layers,
-            "num_attention_heads": args.n_heads,
-            "num_key_value_heads": args.n_kv_heads,
-            "head_dim": args.head_dim,
-            "hidden_act": "silu",
-            "attention_bias": False,
+            **self.decoder_hf_config(args, dtype),
             "attention_dropout": 0.0,
             "use_sliding_window": False,
             "sliding_window": None,
-            "max_position_embeddings": args.max_seq_len,
-            "rms_norm_eps": args.norm_eps,
-            "rope_theta": args.rope_theta,
             "rope_scaling": None,
-            "tie_word_embeddings": args.tie_word_embeddings,
-            "vocab_size": args.vocab_size,
-            "torch_dtype": dtype_name,  # transformers 4.x
-            "dtype": dtype_name,  # transformers 5.x
         }
