@@ -266,9 +266,9 @@ def fsdp_run():
 
 
 def assert_schedule_ok(proc: subprocess.CompletedProcess, name: str) -> None:
-    # NOTE: searched, not split into lines: two ranks print to one pipe, and a line of one can
-    # land in the middle of the other's.
-    verdicts = re.findall(r"(OK|FAIL) rank (\d) ([A-Za-z0-9]+)", proc.stdout)
+    # NOTE: searched, not split into lines: two ranks write to one pipe, so a verdict can follow
+    # another's on the same line; the ";" ends each schedule name.
+    verdicts = re.findall(r"(OK|FAIL) rank (\d) ([A-Za-z0-9]+);", proc.stdout)
     failures = [v for v in verdicts if v[0] == "FAIL" and v[2] == name]
     assert not failures, proc.stdout[-4000:]
     for rank in ("0", "1"):

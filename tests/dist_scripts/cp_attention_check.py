@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.testing import assert_close
 
+from titan_core.distributed import destroy_process_group
 from titan_core.parallel.context import (
     ContextParallelAttention,
     apply_context_parallel,
@@ -101,7 +102,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             print("OK")
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from titan_core.distributed import destroy_process_group
 from titan_core.parallel import pipeline
 from titan_core.parallel.grad_norm import clip_grad_norm_
 from titan_llama3 import LLAMA3_FLAVORS, Transformer
@@ -145,6 +146,13 @@ def run(schedule: str, microbatches: int, fsdp: bool) -> None:
     check_grads(clipped, ref_grads, coef, "clipped to half the norm")
 
 
+def say(verdict: str) -> None:
+    """One write per verdict: two ranks share the pipe, and print() writes the line and its end
+    separately, so another rank's verdict could land in between."""
+    sys.stdout.write(verdict + "\n")
+    sys.stdout.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedule", nargs="+", required=True, help="one or more schedules")
@@ -158,13 +166,13 @@ def main() -> None:
         for name in args.schedule:
             try:
                 run(name, args.microbatches, args.fsdp)
-                print(f"OK rank {rank} {name}", flush=True)
+                say(f"OK rank {rank} {name};")
             except AssertionError as e:
                 # Checks run after every collective, so the ranks stay in step.
                 failed = True
-                print(f"FAIL rank {rank} {name}: {e}", flush=True)
+                say(f"FAIL rank {rank} {name}; {e}")
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
     sys.exit(1 if failed else 0)
 
 

@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.testing import assert_close
 
 from titan_core.config import JobConfig
+from titan_core.distributed import destroy_process_group
 from titan_core.parallel import ParallelDims
 from titan_core.parallel.decoder import apply_tp, dense_tp_plan
 from titan_qwen3 import Qwen3Args, Qwen3Transformer, parallelize_qwen3
@@ -102,7 +103,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             print("OK")
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 if __name__ == "__main__":
