@@ -348,6 +348,21 @@ def test_hf_writer_writes_out_of_order_and_refuses_an_unfinished_folder(tmp_path
         assert torch.equal(reader.read(key), tensor)
     assert torch.equal(reader.read("a", rows=slice(1, 3)), tensors["a"][1:3])
     assert torch.equal(reader.read("a", slice(1, None), slice(0, 2)), tensors["a"][1:, :2])
+    assert reader.read("a", rows=slice(2, 2)).shape == (0, 4)
+
+
+def test_tensors_read_from_an_hf_folder_can_be_changed_without_touching_the_files(tmp_path):
+    """The reader maps the files' pages: writing to a tensor it returned must stay private."""
+    original = torch.arange(12.0).reshape(3, 4)
+    writer = HFWriter(tmp_path, {"a": ((3, 4), torch.float32)})
+    writer.write("a", original)
+    writer.close()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    reader = HFReader(tmp_path)
+    reader.read("a").mul_(-1)
+    reader.read("a", rows=slice(1, 2)).zero_()
+    assert torch.equal(reader.read("a"), original)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_the_adapter_records_llama31_scaling_exactly():

@@ -9,6 +9,8 @@ classes here work from the header, so they never hold more than the tensor asked
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import struct
 from collections.abc import Collection, Mapping, Sequence
@@ -143,15 +145,24 @@ class HFReader:
 
             with safe_open(self.files[name], framework="pt") as f:
                 return f.get_slice(name)[rows or slice(None), cols or slice(None)]
-        # NOTE: whole rows are one byte range: read straight into the tensor. safetensors'
-        # reader would memory-map the file, and the mapped pages count as resident memory on
-        # top of the copy, doubling the peak of a streaming conversion.
-        out = torch.empty((max(stop - start, 0), *shape[1:]) if shape else (), dtype=dtype)
-        row_bytes = out[0].nbytes if shape and len(out) else 0
+        out_shape = (max(stop - start, 0), *shape[1:]) if shape else ()
+        nbytes = math.prod(out_shape) * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(out_shape, dtype=dtype)
+        # NOTE: whole rows are one byte range, mapped on its own: the tensor shares the page
+        # cache's pages (no copy into fresh memory, which costs more than the read itself on
+        # this VM), and the mapping ends with the tensor, so a streaming conversion holds one
+        # tensor's pages at a time (mapping the whole file, as safetensors does, keeps every
+        # page read so far resident). Private mapping: writing to the tensor never reaches the
+        # file.
+        offset = self.offsets[name] + start * (nbytes // max(stop - start, 1) if shape else 0)
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
         with open(self.files[name], "rb") as f:
-            f.seek(self.offsets[name] + start * row_bytes)
-            f.readinto(out.reshape(-1).view(torch.uint8).numpy())
-        return out
+            mapped = mmap.mmap(
+                f.fileno(), offset - base + nbytes, access=mmap.ACCESS_COPY, offset=base
+            )
+        data = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset - base)
+        return data.view(dtype).reshape(out_shape)
 
     def validate(
         self, expected: Mapping[str, Sequence[int]], ignorable: Collection[str] = ()
