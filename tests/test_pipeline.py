@@ -137,6 +137,17 @@ def test_schedules_of_this_torch():
     assert schedule_class("interleaved1f1b") is schedule_class("Interleaved1F1B")
 
 
+def test_model_packages_load_the_pipeline_machinery_only_when_it_runs():
+    """torch.distributed.pipelining imports torch._dynamo (0.5 s): commands that never build a
+    pipeline (titan-convert, titan-train --help, a 1-process run) must not pay for it."""
+    code = (
+        "import sys, titan_llama3, titan_qwen3, titan_core.train\n"
+        "loaded = [m for m in ('torch.distributed.pipelining', 'torch._dynamo') if m in sys.modules]\n"
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_schedule_class_refuses_an_unknown_name_listing_the_known():
     with pytest.raises(UserError) as e:
         schedule_class("Zigzag")

@@ -17,6 +17,7 @@ leaves accumulated gradients alone.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from titan_core.errors import UserError
 
@@ -42,25 +41,38 @@ _SINGLE_STAGE = ("GPipe", "1F1B")
 _V_STYLE = ("ZBVZeroBubble", "DualPipeV")
 
 
-def _installed(name: str) -> bool:
-    try:
-        get_schedule_class(name)
-    except ValueError:
-        return False
-    return True
+@functools.cache
+def installed_schedules() -> tuple[str, ...]:
+    """The schedules of :data:`_WANTED` this torch has (also readable as ``SCHEDULES``)."""
+    # NOTE: imported here, not at the top: torch.distributed.pipelining pulls in torch._dynamo
+    # (0.5 s), and every model package imports this module for its TrainSpec, so each command
+    # (titan-convert, titan-train --help) would pay for it without a pipeline.
+    from torch.distributed.pipelining.schedules import get_schedule_class
+
+    def installed(name: str) -> bool:
+        try:
+            get_schedule_class(name)
+        except ValueError:
+            return False
+        return True
+
+    return tuple(name for name in _WANTED if installed(name))
 
 
-SCHEDULES: tuple[str, ...] = tuple(name for name in _WANTED if _installed(name))
+def __getattr__(name: str) -> Any:
+    if name == "SCHEDULES":
+        return installed_schedules()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _canonical(name: str) -> str:
     """The SCHEDULES spelling of ``name`` (matched case-insensitively, as torch does)."""
-    for known in SCHEDULES:
+    for known in installed_schedules():
         if known.lower() == name.lower():
             return known
     raise UserError(
         f"parallelism.pipeline_parallel_schedule: '{name}' is not a pipeline schedule of this "
-        f"torch ({torch.__version__}); use one of {', '.join(SCHEDULES)}"
+        f"torch ({torch.__version__}); use one of {', '.join(installed_schedules())}"
     )
 
 
@@ -70,6 +82,8 @@ def schedule_class(name: str) -> type:
     Args:
         name: the value of ``parallelism.pipeline_parallel_schedule``.
     """
+    from torch.distributed.pipelining.schedules import get_schedule_class
+
     return get_schedule_class(_canonical(name))
 
 
@@ -343,6 +357,9 @@ def build_pipeline(
         device: device the stages run on.
         parallelize_part: applied to each part before it is wrapped (TP, FSDP, ...).
     """
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
     name = _canonical(schedule_name)
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     per_rank = stages_per_rank(name)
@@ -359,7 +376,7 @@ def build_pipeline(
         parts.append(part)
         stages.append(PipelineStage(part, sid, n_stages, device, group=pp_mesh.get_group()))
     loss = MicrobatchLoss(loss_fn, n_microbatches)
-    cls = get_schedule_class(name)
+    cls = schedule_class(name)
     # NOTE: scale_grads=False, explicit: the loss is scaled instead (see the module docstring).
     schedule = cls(
         stages[0] if issubclass(cls, PipelineScheduleSingle) else stages,
