@@ -102,6 +102,19 @@ def test_training_goes_on_while_an_async_save_writes(tmp_path, monkeypatch, capl
     assert complete_steps(ckpt_folder(dump)) == [2, 4]
 
 
+def test_one_process_checkpointing_prints_no_torch_distributed_warning(tmp_path):
+    """DCP warns that torch.distributed is off at every save and load of a one-process run."""
+    dump = tmp_path / "quiet"
+    args = [*FAST, *CKPT, "--checkpoint.interval", "2", "--job.dump_folder", str(dump)]
+    first = run_cli([*args, "--training.steps", "2", "--checkpoint.async_mode", "async"])
+    resumed = run_cli([*args, "--training.steps", "4"])  # loads step 2, saves step 4
+    for proc in (first, resumed):
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "torch.distributed is disabled" not in proc.stderr, proc.stderr[-2000:]
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    assert complete_steps(ckpt_folder(dump)) == [2, 4]
+
+
 def test_pinned_memory_async_saves_are_refused_on_cpu(tmp_path):
     stderr = refusal(
         tmp_path, "--checkpoint.enable", "--checkpoint.async_mode", "async_with_pinned_mem"

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import WriteItem
 
 from titan_convert.output import Progress, check_output, staged
-from titan_core.checkpoint import META_FILE
+from titan_core.checkpoint import META_FILE, single_process_dcp
 from titan_core.hf import (
     GENERATION_CONFIG_FILE,
     HFReader,
@@ -26,7 +26,6 @@ from titan_core.hf import (
     read_titan_tensor,
     spec_for_hf_folder,
 )
-from titan_core.pretrained import single_process_dcp
 
 TOKENIZER_FILE = "tokenizer.json"
 

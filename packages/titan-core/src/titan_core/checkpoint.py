@@ -22,7 +22,10 @@ import re
 import shutil
 import threading
 import time
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,18 @@ def optimizer_state(parts: list[nn.Module], optimizer: torch.optim.Optimizer) ->
         for key, value in values.items():
             state[f"{names[param]}.{key}"] = value
     return state
+
+
+_NO_DIST_WARNING = "torch.distributed is disabled"
+
+
+@contextmanager
+def single_process_dcp() -> Iterator[None]:
+    """DCP warns on every save or load outside a process group (even with ``no_dist=True``);
+    a one-process run or conversion means exactly that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        yield
 
 
 def _writer(path: Path) -> dcp.FileSystemWriter:
@@ -261,12 +276,17 @@ class Checkpointer:
                 state["model"] = {k: v.to(cast) for k, v in state["model"].items()}
         meta = self.train_state(step, model_only, dtype)
         if asynchronous:
-            response = dcp.async_save(
-                state,
-                storage_writer=_writer(partial),
-                process_group=self._async_group(),
-                async_stager=self._async_stager(),
-            )
+            if not dist.is_initialized():
+                # NOTE: the write thread calls dcp.save after this block ends, so the filter
+                # stays for the process (a one-process trainer, where the warning is noise).
+                warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+            with single_process_dcp():
+                response = dcp.async_save(
+                    state,
+                    storage_writer=_writer(partial),
+                    process_group=self._async_group(),
+                    async_stager=self._async_stager(),
+                )
             future = getattr(response, "upload_completion", response)
             self._pending = _PendingSave(step, partial, meta, future, time.perf_counter())
             blocked = time.perf_counter() - started
@@ -276,7 +296,8 @@ class Checkpointer:
                 blocked,
             )
             return blocked
-        dcp.save(state, storage_writer=_writer(partial))
+        with single_process_dcp():
+            dcp.save(state, storage_writer=_writer(partial))
         self._commit(step, partial, meta, folder)
         blocked = time.perf_counter() - started
         logger.info("saved checkpoint %s in %.3f s", step_dir(folder, step), blocked)
@@ -456,7 +477,8 @@ class Checkpointer:
             if part in exclude:
                 del state[part]
         if state:
-            dcp.load(state, checkpoint_id=str(path))  # in place, into parameters and moments
+            with single_process_dcp():  # in place, into parameters and moments
+                dcp.load(state, checkpoint_id=str(path))
         if "model" in state:
             for part in self.trainer.model_parts:
                 set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))

@@ -413,7 +413,7 @@ class CheckpointExport:
         one tensor in memory at a time; ``progress(nbytes)`` after each tensor."""
         import torch.distributed.checkpoint as dcp
 
-        from titan_core.pretrained import single_process_dcp
+        from titan_core.checkpoint import single_process_dcp
 
         writer = HFWriter(out_dir, self.layout, max_shard_bytes)
         tied = self.adapter.titan_layout(self.args)[1]

@@ -6,9 +6,6 @@ import dataclasses
 import json
 import os
 import typing
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from titan_core.checkpoint import META_FILE, complete_steps, step_dir
+from titan_core.checkpoint import META_FILE, complete_steps, single_process_dcp, step_dir
 from titan_core.errors import UserError
 from titan_core.train_spec import TrainSpec, get_train_spec
 
@@ -34,14 +31,6 @@ def checkpoint_folder(path: Path, who: str = "load_pretrained") -> Path:
         "complete step-N/ checkpoint; pass a step-N folder, a checkpoint folder or a dump "
         "folder (or an HF folder with config.json)"
     )
-
-
-@contextmanager
-def single_process_dcp() -> Iterator[None]:
-    """DCP warns on every save or load outside a process group; here that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
