@@ -72,6 +72,22 @@ def test_measure_matmul_flops_is_positive_and_fast():
     assert elapsed < 2.0, f"measurement took {elapsed:.2f}s"
 
 
+def test_a_stall_during_the_measurement_does_not_lower_the_rate(monkeypatch):
+    """Every matmul takes 10 ms but one stalls for 0.4 s (another process took the CPU): the
+    rate must still be about that of 10 ms matmuls, or MFU would read high."""
+    calls = []
+
+    def fake_mm(a, b, out=None):
+        calls.append(1)
+        time.sleep(0.4 if len(calls) == 12 else 0.01)
+        return out
+
+    monkeypatch.setattr(torch, "mm", fake_mm)
+    rate = measure_matmul_flops(torch.device("cpu"), size=256, budget_s=1.0)
+    assert len(calls) > 12, "the stall must fall inside the timed loop"
+    assert rate > 0.8 * 2 * 256**3 / 0.01
+
+
 def test_device_peak_flops_cpu_is_measured_fp32_and_cached():
     rate, description = device_peak_flops(torch.device("cpu"))
     assert rate > 1e8
