@@ -276,19 +276,7 @@ class Checkpointer:
                 state["model"] = {k: v.to(cast) for k, v in state["model"].items()}
         meta = self.train_state(step, model_only, dtype)
         if asynchronous:
-            if not dist.is_initialized():
-                # NOTE: the write thread calls dcp.save after this block ends, so the filter
-                # stays for the process (a one-process trainer, where the warning is noise).
-                warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-            with single_process_dcp():
-                response = dcp.async_save(
-                    state,
-                    storage_writer=_writer(partial),
-                    process_group=self._async_group(),
-                    async_stager=self._async_stager(),
-                )
-            future = getattr(response, "upload_completion", response)
-            self._pending = _PendingSave(step, partial, meta, future, time.perf_counter())
+            self._start_async_save(step, partial, state, meta)
             blocked = time.perf_counter() - started
             logger.info(
                 "checkpoint step-%d: state copied in %.3f s, writing in the background",
@@ -302,6 +290,24 @@ class Checkpointer:
         blocked = time.perf_counter() - started
         logger.info("saved checkpoint %s in %.3f s", step_dir(folder, step), blocked)
         return blocked
+
+    def _start_async_save(
+        self, step: int, partial: Path, state: dict[str, Any], meta: dict[str, Any]
+    ) -> None:
+        """Copy ``state`` and hand it to DCP's background writer; :meth:`wait` commits it."""
+        if not dist.is_initialized():
+            # NOTE: the write thread calls dcp.save after this call returns, so the filter
+            # stays for the process (a one-process trainer, where the warning is noise).
+            warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        with single_process_dcp():
+            response = dcp.async_save(
+                state,
+                storage_writer=_writer(partial),
+                process_group=self._async_group(),
+                async_stager=self._async_stager(),
+            )
+        future = getattr(response, "upload_completion", response)
+        self._pending = _PendingSave(step, partial, meta, future, time.perf_counter())
 
     def train_state(self, step: int, model_only: bool, dtype: str) -> dict[str, Any]:
         """Everything but the tensors (``titan.json``), captured when the save starts."""
