@@ -296,16 +296,15 @@ class Checkpointer:
     ) -> None:
         """Copy ``state`` and hand it to DCP's background writer; :meth:`wait` commits it."""
         if not dist.is_initialized():
-            # NOTE: the write thread calls dcp.save after this call returns, so the filter
-            # stays for the process (a one-process trainer, where the warning is noise).
+            # NOTE: not single_process_dcp(): the write thread warns after this call returns,
+            # so the filter stays for the process (a one-process trainer: the warning is noise).
             warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-        with single_process_dcp():
-            response = dcp.async_save(
-                state,
-                storage_writer=_writer(partial),
-                process_group=self._async_group(),
-                async_stager=self._async_stager(),
-            )
+        response = dcp.async_save(
+            state,
+            storage_writer=_writer(partial),
+            process_group=self._async_group(),
+            async_stager=self._async_stager(),
+        )
         future = getattr(response, "upload_completion", response)
         self._pending = _PendingSave(step, partial, meta, future, time.perf_counter())
 

@@ -107,8 +107,8 @@ def measure_matmul_flops(
     """Measure the square-matmul rate of ``device`` in FLOP/s: the fastest of its timed batches.
 
     Runs ``torch.mm`` on ``size x size`` matrices (warm-up, then timed batches) within about
-    ``budget_s`` seconds in total, using whatever thread count torch currently has. The side is capped below
-    ``size`` where one matmul would take more than a quarter of the budget.
+    ``budget_s`` seconds in total, using whatever thread count torch currently has. The side is
+    capped below ``size`` where one matmul would take more than a quarter of the budget.
 
     Args:
         device: the device to measure.

@@ -9,7 +9,6 @@ classes here work from the header, so they never hold more than the tensor asked
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import struct
@@ -146,7 +145,7 @@ class HFReader:
             with safe_open(self.files[name], framework="pt") as f:
                 return f.get_slice(name)[rows or slice(None), cols or slice(None)]
         out_shape = (max(stop - start, 0), *shape[1:]) if shape else ()
-        nbytes = math.prod(out_shape) * dtype.itemsize
+        nbytes = _nbytes(out_shape, dtype)
         if nbytes == 0:
             return torch.empty(out_shape, dtype=dtype)
         # NOTE: whole rows are one byte range, mapped on its own: the tensor shares the page
@@ -155,7 +154,7 @@ class HFReader:
         # tensor's pages at a time (mapping the whole file, as safetensors does, keeps every
         # page read so far resident). Private mapping: writing to the tensor never reaches the
         # file.
-        offset = self.offsets[name] + start * (nbytes // max(stop - start, 1) if shape else 0)
+        offset = self.offsets[name] + start * (_nbytes(shape[1:], dtype) if shape else 0)
         base = offset - offset % mmap.ALLOCATIONGRANULARITY
         with open(self.files[name], "rb") as f:
             mapped = mmap.mmap(
