@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.testing import assert_close
 
-from titan_core.distributed import destroy_process_group
+from titan_core.distributed import destroy_process_group, exit_now
 from titan_core.parallel.context import (
     ContextParallelAttention,
     apply_context_parallel,
@@ -107,3 +107,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # gloo threads can abort the interpreter's teardown (see exit_now)

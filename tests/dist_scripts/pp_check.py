@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from titan_core.distributed import destroy_process_group
+from titan_core.distributed import destroy_process_group, exit_now
 from titan_core.parallel import pipeline
 from titan_core.parallel.grad_norm import clip_grad_norm_
 from titan_llama3 import LLAMA3_FLAVORS, Transformer
@@ -153,7 +153,7 @@ def say(verdict: str) -> None:
     sys.stdout.flush()
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedule", nargs="+", required=True, help="one or more schedules")
     parser.add_argument("--microbatches", type=int, default=4)
@@ -173,8 +173,8 @@ def main() -> None:
                 say(f"FAIL rank {rank} {name}; {e}")
     finally:
         destroy_process_group()
-    sys.exit(1 if failed else 0)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    exit_now(main())  # gloo threads can abort the interpreter's teardown (see exit_now)

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.testing import assert_close
 
 from titan_core.config import JobConfig
-from titan_core.distributed import destroy_process_group
+from titan_core.distributed import destroy_process_group, exit_now
 from titan_core.parallel import ParallelDims
 from titan_core.parallel.decoder import apply_tp, dense_tp_plan
 from titan_qwen3 import Qwen3Args, Qwen3Transformer, parallelize_qwen3
@@ -108,3 +108,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # gloo threads can abort the interpreter's teardown (see exit_now)

@@ -80,13 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"titan-train: error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # NOTE: every file is closed and the group destroyed; skipping the interpreter's
-        # teardown avoids a rare abort in gloo's threads at exit ("terminate called without an
-        # active exception") that would turn a finished run into a failed one.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        from titan_core.distributed import exit_now
+
+        exit_now(0)  # every file is closed and the group destroyed
     return 0
 
 
