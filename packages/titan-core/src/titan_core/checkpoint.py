@@ -10,7 +10,9 @@ On disk, ``<dump_folder>/<checkpoint.folder>/step-N/`` holds:
 
 A checkpoint is written to a hidden ``.step-N.partial/`` folder and renamed to ``step-N/`` only
 when every rank has finished, so a ``step-N/`` folder is complete by construction; a crash during a
-save leaves only a partial folder, which is ignored (and removed by the next save).
+save leaves only a partial folder, which is ignored (and removed by the next save). A ``step-N``
+folder that titan did not write in this run is never deleted by a save of the same step: it is
+moved aside. Nothing is unpickled from a checkpoint except through ``checkpoint_safety``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import shutil
 import threading
 import time
@@ -41,12 +42,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
+from titan_core.checkpoint_safety import (
+    META_FILE,
+    STEP_DIR,
+    check_checkpoint_folder,
+    check_checkpoint_model,
+    load_checkpoint,
+    refusal_in,
+)
+from titan_core.checkpoint_safety import read_titan_json as _meta
 from titan_core.errors import UserError
 
 logger = logging.getLogger("titan")
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-META_FILE = "titan.json"
 
 
 def complete_steps(folder: Path) -> list[int]:
@@ -55,7 +62,7 @@ def complete_steps(folder: Path) -> list[int]:
         return []
     steps = []
     for path in folder.iterdir():
-        match = _STEP_DIR.match(path.name)
+        match = STEP_DIR.match(path.name)
         if match and (path / ".metadata").is_file() and (path / META_FILE).is_file():
             steps.append(int(match.group(1)))
     return sorted(steps)
@@ -66,10 +73,6 @@ def step_dir(folder: Path, step: int) -> Path:
 
 
 LOADABLE_PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "rng")
-
-
-def _meta(path: Path) -> dict[str, Any]:
-    return json.loads((path / META_FILE).read_text(encoding="utf-8"))
 
 
 def initial_step_folder(source: Path) -> Path:
@@ -87,8 +90,32 @@ def initial_step_folder(source: Path) -> Path:
     )
 
 
+def check_initial_source(
+    spec: Any, model_args: Any, source: Path, model_name: str, flavor: str
+) -> Path:
+    """The checkpoint ``checkpoint.initial_load_path`` names, refused now (one line) if it is
+    damaged, of another model, or holds code; see :func:`check_checkpoint_model`."""
+    path = initial_step_folder(source)
+    try:
+        check_checkpoint_model(spec, model_args, path, model_name, flavor)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(
+            f"checkpoint.initial_load_path: {path} cannot be read ({_first_line(e)}); the "
+            "checkpoint is damaged: pick another"
+        ) from None
+    return path
+
+
 def resume_candidates(folder: Path, load_step: int) -> list[int]:
-    """Steps to try resuming from, newest first; ``load_step`` >= 0 picks exactly one."""
+    """Steps to try resuming from, newest first; ``load_step`` >= 0 picks exactly one.
+
+    Raises:
+        UserError: the folder or an entry in it would make a later save fail, or ``load_step``
+            names no complete checkpoint.
+    """
+    check_checkpoint_folder(folder)
     steps = complete_steps(folder)
     if load_step < 0:
         return steps[::-1]
@@ -152,6 +179,18 @@ def _is_main() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _move_aside(path: Path) -> None:
+    """Keep a ``step-N`` a save replaces (an older run's, a damaged or a foreign one): titan
+    deletes only what it knows it wrote."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.replaced-{stamp}")
+    n = 1
+    while aside.exists() or aside.is_symlink():
+        aside, n = path.with_name(f"{path.name}.replaced-{stamp}-{n}"), n + 1
+    path.rename(aside)
+    logger.warning("checkpoint: moved the existing %s to %s before saving that step", path, aside)
 
 
 @dataclasses.dataclass
@@ -331,7 +370,8 @@ class Checkpointer:
         if _is_main():
             (partial / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
             final = step_dir(folder, step)
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists() or final.is_symlink():
+                _move_aside(final)
             partial.rename(final)  # atomic: the checkpoint appears complete or not at all
             if folder == self.folder:
                 self._prune_in_background()
@@ -420,19 +460,22 @@ class Checkpointer:
     def resume(self, candidates: list[int]) -> int:
         """Load the newest loadable checkpoint of ``candidates``; return its step (0 if none).
 
-        With none to resume from, start from ``checkpoint.initial_load_path`` if it is set.
+        A damaged checkpoint is reported and skipped; one of another model or holding code
+        (a UserError) stops the run. With none to resume from, start from
+        ``checkpoint.initial_load_path`` if it is set.
         """
         for i, step in enumerate(candidates):
             path = step_dir(self.folder, step)
-            if step > 0 and self.cfg.load_step < 0 and _meta(path).get("model_only"):
-                # A final export holds no optimizer or data position: it cannot continue a run.
-                logger.warning("checkpoint %s is a model-only export; not resuming from it", path)
-                continue
             try:
+                if self._is_export(path, step):
+                    continue
                 self.load(path, exclude=set(self.cfg.exclude_from_loading))
             except UserError:
-                raise  # a checkpoint of another model: not corrupt, never skipped silently
+                raise  # another model, or code in the checkpoint: never skipped silently
             except (CheckpointException, Exception) as e:  # any unreadable state: fall back
+                refusal = refusal_in(e)
+                if refusal is not None:
+                    raise refusal from None
                 reason = _first_line(e)
                 if i == len(candidates) - 1 or self.cfg.load_step >= 0:
                     raise UserError(
@@ -452,6 +495,13 @@ class Checkpointer:
         if self.cfg.initial_load_path:
             return self.load_initial()
         return 0
+
+    def _is_export(self, path: Path, step: int) -> bool:
+        """A final export holds no optimizer or data position: it cannot continue a run."""
+        if step > 0 and self.cfg.load_step < 0 and _meta(path).get("model_only"):
+            logger.warning("checkpoint %s is a model-only export; not resuming from it", path)
+            return True
+        return False
 
     def load_initial(self) -> int:
         """Start from ``checkpoint.initial_load_path`` (weights only unless told otherwise)."""
@@ -474,7 +524,7 @@ class Checkpointer:
     def load(self, path: Path, exclude: set[str] = frozenset()) -> None:
         """Restore the state in ``path`` except the parts named in ``exclude``."""
         meta = _meta(path)
-        self.check_same_model(meta, path)
+        self.check_same_model(path)
         if meta.get("model_only"):  # a seed checkpoint or export: weights only
             exclude = exclude | {"optimizer", "lr_scheduler", "dataloader", "rng"}
         state = self.tensor_state()
@@ -483,7 +533,7 @@ class Checkpointer:
                 del state[part]
         if state:
             with single_process_dcp():  # in place, into parameters and moments
-                dcp.load(state, checkpoint_id=str(path))
+                load_checkpoint(state, path)
         if "model" in state:
             for part in self.trainer.model_parts:
                 set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
@@ -500,28 +550,9 @@ class Checkpointer:
         if "rng" not in exclude:
             torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
 
-    def check_same_model(self, meta: dict[str, Any], path: Path) -> None:
+    def check_same_model(self, path: Path) -> None:
         """Refuse a checkpoint of another model or flavor, listing the differing tensors."""
-        # The whole model's names and shapes (a pipeline rank holds only some of them).
-        with torch.device("meta"):
-            whole = self.trainer.spec.model_cls(self.trainer.model_args)
-        expected = {k: tuple(v.shape) for k, v in get_model_state_dict(whole).items()}
-        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        found = {
-            k.removeprefix("model."): tuple(m.size)
-            for k, m in stored.items()
-            if k.startswith("model.") and hasattr(m, "size")
-        }
-        if found == expected:
-            return
-        diffs = sorted(
-            f"{k}: checkpoint {found.get(k, 'missing')} vs model {expected.get(k, 'missing')}"
-            for k in set(found) | set(expected)
-            if found.get(k) != expected.get(k)
-        )
-        shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
-        raise UserError(
-            f"checkpoint: {path} holds {meta.get('model')} {meta.get('flavor')}, which does not "
-            f"match {self.trainer.config.model.name} {self.trainer.config.model.flavor} "
-            f"({shown}); use the checkpoint's model.name/model.flavor or another dump folder"
+        c = self.trainer.config
+        check_checkpoint_model(
+            self.trainer.spec, self.trainer.model_args, path, c.model.name, c.model.flavor
         )

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from titan_core.checkpoint import META_FILE, complete_steps, single_process_dcp, step_dir
+from titan_core.checkpoint_safety import load_checkpoint
 from titan_core.errors import UserError
 from titan_core.train_spec import TrainSpec, get_train_spec
 
@@ -99,7 +99,7 @@ def _load_checkpoint(folder: Path, device: str | torch.device) -> nn.Module:
     model = build_model(spec, model_args_of(spec, meta, f"load_pretrained: {folder}"), device)
     state = {"model": model.state_dict()}
     with single_process_dcp():
-        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+        load_checkpoint(state, folder, no_dist=True)
     model.load_state_dict(state["model"])
     return model
 
@@ -108,14 +108,13 @@ def _load_hf(folder: Path, device: str | torch.device) -> nn.Module:
     from titan_core.hf import (
         HFReader,
         adapter_of,
-        read_hf_config,
         read_titan_tensor,
         spec_for_hf_folder,
     )
 
     spec = spec_for_hf_folder(folder)
     adapter = adapter_of(spec)
-    args = adapter.args_from_hf_config(read_hf_config(folder))
+    args = adapter.args_from_hf_folder(folder)
     reader = HFReader(folder)
     reader.validate(adapter.expected_hf(args), adapter.redundant_hf(args))
     model = build_model(spec, args, device)
