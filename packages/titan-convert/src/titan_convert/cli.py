@@ -1,15 +1,22 @@
 """``titan-convert``: titan DCP checkpoints <-> Hugging Face safetensors folders.
 
 Bad input exits with code 2 and one line on stderr (nothing is written); set ``TITAN_DEBUG=1``
-for the traceback. ``verify`` exits 1 when the logits differ by more than the tolerance.
+for the traceback. ``verify`` exits 1 when the logits differ by more than the tolerance. Ctrl-C
+exits 130 with one line; the output folder is left as it was (conversions write to a temporary
+folder next to it, removed on the way out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from titan_core.errors import UserError
 
@@ -62,11 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: list[str]) -> int:
-    """Parse ``argv`` and run the command; returns the exit code."""
+def run(opts: argparse.Namespace) -> int:
+    """Run the command ``opts`` (parsed by :func:`_parser`); returns the exit code."""
     import torch
 
-    opts = _parser().parse_args(argv)
     if opts.command == "hf-to-dcp":
         from titan_convert.hf_to_dcp import hf_to_dcp
 
@@ -98,15 +104,49 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _noting_ctrl_c() -> Iterator[list[int]]:
+    """Ctrl-C still raises KeyboardInterrupt, and is noted in the list yielded.
+
+    NOTE: DCP wraps any exception of a save, KeyboardInterrupt included, in a
+    CheckpointException, so the exception alone cannot tell an interrupt from a failure.
+    """
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted  # signal handlers belong to the main thread
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if noted:
+            return  # a second Ctrl-C must not stop the temporary folder's removal
+        noted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(argv)
-    except UserError as e:
-        if os.environ.get("TITAN_DEBUG") == "1":
-            raise
-        print(f"titan-convert: error: {e}", file=sys.stderr)
-        return 2
+    opts = _parser().parse_args(argv)
+    with _noting_ctrl_c() as ctrl_c:
+        try:
+            return run(opts)
+        except UserError as e:
+            if os.environ.get("TITAN_DEBUG") == "1":
+                raise
+            print(f"titan-convert: error: {e}", file=sys.stderr)
+            return 2
+        except BaseException as e:
+            if not (ctrl_c or isinstance(e, KeyboardInterrupt)):
+                raise
+            out = getattr(opts, "out_dir", None)
+            written = f"; nothing was written to {out}" if out is not None else ""
+            print(f"titan-convert: interrupted{written}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def hf_to_dcp(
     spec = spec_for_hf_folder(hf_dir, model_name)
     adapter = adapter_of(spec)
     config = read_hf_config(hf_dir)
-    args = adapter.args_from_hf_config(config)
+    args = adapter.args_from_hf_folder(hf_dir)
     reader = HFReader(hf_dir)
     reader.validate(adapter.expected_hf(args), adapter.redundant_hf(args))
     check_output(out_dir, hf_dir, overwrite)

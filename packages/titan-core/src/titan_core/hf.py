@@ -122,6 +122,15 @@ class StateDictAdapter:
         """The model args that config.json describes, exactly; UserError for what we lack."""
         raise NotImplementedError
 
+    def args_from_hf_folder(self, folder: str | os.PathLike) -> Any:
+        """:meth:`args_from_hf_config` of an HF folder's config.json; errors name the file."""
+        config = read_hf_config(folder)
+        try:
+            return self.args_from_hf_config(config)
+        except UserError as e:
+            message = str(e).removeprefix(f"{CONFIG_FILE}: ")
+            raise UserError(f"{Path(folder) / CONFIG_FILE}: {message}") from None
+
     def hf_config(self, args: Any, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         """The config.json content for ``args``, with weights stored in ``dtype``."""
         raise NotImplementedError
@@ -282,6 +291,11 @@ def spec_for_hf_folder(folder: str | os.PathLike, model_name: str | None = None)
         adapter_of(spec)
         return spec
     model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise UserError(
+            f"{Path(folder) / CONFIG_FILE}: 'model_type' is {model_type!r}, expected the model "
+            "type's name (e.g. 'llama'); fix config.json or pass --model.name"
+        )
     claims: dict[str, list[str]] = {}
     specs = {}
     for name in available_models():
@@ -365,8 +379,7 @@ class CheckpointExport:
     """
 
     def __init__(self, folder: Path, export_dtype: torch.dtype = torch.float32) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-
+        from titan_core.checkpoint_safety import SafeFileSystemReader
         from titan_core.pretrained import model_args_of, read_meta
 
         self.folder, self.dtype = Path(folder), export_dtype
@@ -374,13 +387,17 @@ class CheckpointExport:
         spec = get_train_spec(self.meta["model"])
         self.adapter = adapter_of(spec)
         self.args = model_args_of(spec, self.meta, str(folder))
-        self.reader = FileSystemReader(str(self.folder))
+        self.reader = SafeFileSystemReader(str(self.folder))
         try:
             stored = self.reader.read_metadata().state_dict_metadata
+        except UserError:
+            raise  # code in the checkpoint: refused by the reader, never run
         except Exception as e:
             raise UserError(f"{folder}: the DCP metadata cannot be read ({e})") from None
-        self.stored = {
-            k.removeprefix("model."): m for k, m in stored.items() if k.startswith("model.")
+        self.stored = {  # a non-tensor entry is not loaded: it shows as missing
+            k.removeprefix("model."): m
+            for k, m in stored.items()
+            if k.startswith("model.") and hasattr(m, "size")
         }
         self.shapes = self.adapter.titan_shapes(self.args)
         self._check()
@@ -411,9 +428,8 @@ class CheckpointExport:
     ) -> None:
         """Write config files, tokenizer files and the weights into the existing ``out_dir``,
         one tensor in memory at a time; ``progress(nbytes)`` after each tensor."""
-        import torch.distributed.checkpoint as dcp
-
         from titan_core.checkpoint import single_process_dcp
+        from titan_core.checkpoint_safety import load_checkpoint
 
         writer = HFWriter(out_dir, self.layout, max_shard_bytes)
         tied = self.adapter.titan_layout(self.args)[1]
@@ -422,7 +438,7 @@ class CheckpointExport:
                 continue  # shares its twin's tensor: HF stores it once
             tensor = torch.empty(shape, dtype=self.stored[name].properties.dtype)
             with single_process_dcp():
-                dcp.load({"model": {name: tensor}}, storage_reader=self.reader, no_dist=True)
+                load_checkpoint({"model": {name: tensor}}, self.folder, True, self.reader)
             for hf_name, hf_tensor in self.adapter.to_hf(self.args, name, tensor):
                 writer.write(hf_name, hf_tensor.to(self.dtype))
                 if progress is not None:

@@ -44,7 +44,7 @@ def hf_model_args(spec: Any, folder: Path, seq_len: int) -> Any:
             f"'{config.get('model_type')}', not one of {spec.name}'s "
             f"({', '.join(adapter.model_types)}); set model.name to the matching family"
         )
-    args = adapter.args_from_hf_config(config)
+    args = adapter.args_from_hf_folder(folder)
     if hasattr(args, "max_seq_len"):
         args = dataclasses.replace(args, max_seq_len=seq_len)
     return args

@@ -8,6 +8,7 @@ classes here work from the header, so they never hold more than the tensor asked
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -49,43 +50,202 @@ def listing(names: Sequence[str], limit: int = 5) -> str:
 
 # ---- reading ---------------------------------------------------------------------------------
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses a longer header
+TensorEntry = tuple[torch.dtype, tuple[int, ...], int]
+"""(dtype, shape, where its bytes start in the file) of one tensor of a safetensors file."""
 
-def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(where the tensor bytes start, the JSON header) of a safetensors file, after checking
-    that the file holds all the bytes its header promises."""
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Every tensor of the safetensors file ``path``, from its header alone, checked so that no
+    reader ever uses a byte of a damaged or crafted file.
+
+    Checked: the header length; a UTF-8 JSON object without repeated names; each entry's dtype
+    (one titan reads), shape (non-negative integers) and ``data_offsets`` (two integers spanning
+    exactly the bytes the shape needs); and that the byte ranges tile the data exactly, as the
+    safetensors library requires: from 0, no two sharing a byte, no gap, ending at the end of
+    the file.
+
+    Raises:
+        UserError: one line naming the file, the tensor and what is wrong.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise UserError(f"{path} is truncated ({size} bytes, no header); download it again")
-        (header_len,) = struct.unpack("<Q", raw)
-        if 8 + header_len > size:
-            raise UserError(
-                f"{path} is truncated: its header needs {8 + header_len} bytes, the file has "
-                f"{size}; download it again"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path} is not a safetensors file (bad header)") from None
-    header.pop("__metadata__", None)
-    try:
-        data_end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    except (KeyError, TypeError, IndexError):
-        raise UserError(f"{path} is not a safetensors file (bad header)") from None
-    if 8 + header_len + data_end > size:
+        header_len = _header_length(path, f.read(8), size)
+        header = _parse_header(path, f.read(header_len))
+    entries = {name: _entry(path, name, info) for name, info in header.items()}
+    data_start = 8 + header_len
+    _check_layout(path, entries, data_start, size)
+    return {
+        name: (dtype, shape, data_start + begin)
+        for name, (dtype, shape, begin, _) in entries.items()
+    }
+
+
+def _header_length(path: Path, raw: bytes, size: int) -> int:
+    if len(raw) < 8:
+        raise UserError(f"{path} is truncated ({size} bytes, no header); download it again")
+    (header_len,) = struct.unpack("<Q", raw)
+    if header_len > MAX_HEADER_BYTES:
         raise UserError(
-            f"{path} is truncated: its header describes {8 + header_len + data_end} bytes, the "
-            f"file has {size}; download it again"
+            f"{path} is not a safetensors file: its first 8 bytes give a header of {header_len} "
+            f"bytes (the format allows {MAX_HEADER_BYTES}); download it again"
         )
-    return 8 + header_len, header
+    if 8 + header_len > size:
+        raise UserError(
+            f"{path} is truncated: its header needs {8 + header_len} bytes, the file has "
+            f"{size}; download it again"
+        )
+    return header_len
+
+
+class _RepeatedName(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a name given twice (json keeps the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedName(key)
+        out[key] = value
+    return out
+
+
+def _parse_header(path: Path, raw: bytes) -> dict[str, Any]:
+    """The JSON header (``__metadata__`` checked and dropped): tensor name -> its entry."""
+    bad = f"{path} is not a safetensors file:"
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
+    except UnicodeDecodeError:
+        raise UserError(f"{bad} its header is not UTF-8 text; download it again") from None
+    except _RepeatedName as e:
+        raise UserError(f"{bad} its header names '{e}' twice; download it again") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{bad} its header is not JSON ({e}); download it again") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{bad} its header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{bad} its __metadata__ is {metadata!r}, not an object of strings")
+    return header
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(path: Path, name: str, info: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, each field checked against the others."""
+    where = f"{path}: tensor '{name}'"
+    fields = ("dtype", "shape", "data_offsets")
+    if not isinstance(info, dict):
+        raise UserError(f"{where} is described by {info!r}, not an object of {', '.join(fields)}")
+    missing = [k for k in fields if k not in info]
+    if missing:
+        raise UserError(f"{where} has no {' or '.join(missing)}; download the file again")
+    dtype, shape, offsets = (info[k] for k in fields)
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise UserError(f"{where} has dtype {dtype!r}; titan reads {', '.join(_DTYPES)}")
+    if not isinstance(shape, list) or not all(map(_is_count, shape)):
+        raise UserError(f"{where} has shape {shape!r}; expected a list of integers >= 0")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(map(_is_count, offsets))
+        and offsets[0] <= offsets[1]
+    ):
+        raise UserError(
+            f"{where} has data_offsets {offsets!r}; expected [begin, end], integers with "
+            "0 <= begin <= end"
+        )
+    nbytes = _nbytes(shape, _DTYPES[dtype])
+    if offsets[1] - offsets[0] != nbytes:
+        raise UserError(
+            f"{where} has data_offsets {offsets}, {offsets[1] - offsets[0]} bytes, but shape "
+            f"{tuple(shape)} of {dtype} is {nbytes} bytes; the file is damaged or crafted"
+        )
+    return _DTYPES[dtype], tuple(shape), offsets[0], offsets[1]
+
+
+def _check_layout(
+    path: Path, entries: Mapping[str, tuple[Any, Any, int, int]], data_start: int, size: int
+) -> None:
+    """The tensors' byte ranges lie in the file and tile its data: no shared byte, no gap."""
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items())
+    past = [(end, name) for _, end, name in spans if data_start + end > size]
+    if past:
+        end, name = max(past)
+        raise UserError(
+            f"{path} is truncated: its header describes {data_start + end} bytes, the file has "
+            f"{size} (tensor '{name}' lies past its end); download it again"
+        )
+    for (b0, e0, n0), (b1, e1, n1) in itertools.pairwise(spans):
+        if b1 < e0:
+            raise UserError(
+                f"{path}: tensors '{n0}' and '{n1}' share bytes (data_offsets [{b0}, {e0}] and "
+                f"[{b1}, {e1}]); the file is damaged or crafted, download it again"
+            )
+    edge, before = 0, None
+    for begin, end, name in spans:
+        if begin > edge:
+            raise UserError(
+                f"{path}: data bytes [{edge}, {begin}) before tensor '{name}' belong to no "
+                "tensor (the safetensors format allows no gaps); the file is damaged or crafted"
+            )
+        edge, before = end, name
+    if data_start + edge != size:
+        raise UserError(
+            f"{path}: its last {size - data_start - edge} bytes (after tensor '{before}') belong "
+            "to no tensor (the safetensors format allows none); the file is damaged or crafted"
+        )
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of a safetensors index, checked."""
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{index} is not valid JSON ({e}); download it again") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise UserError(
+            f"{index} is not a safetensors index: its weight_map is {weight_map!r}, expected an "
+            "object of tensor name -> shard file"
+        )
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise UserError(f"{index}: weight_map['{name}'] is {file!r}, expected a file name")
+    return weight_map
+
+
+def _shard_path(folder: Path, file: str, source: Path) -> Path:
+    """``folder / file``, checked without opening it: a plain file name, and if a symlink, one
+    into the folder (or, in a Hugging Face hub cache snapshot, into the repo's ``blobs``)."""
+    if file in ("", ".", "..") or any(c in file for c in "/\\\0"):
+        raise UserError(
+            f"{source}: shard {file!r} is not a file name in {folder}; titan reads no file "
+            "outside the model folder"
+        )
+    path = folder / file
+    if path.is_symlink():
+        target, home = path.resolve(), folder.resolve()
+        # NOTE: the hub cache links snapshots/<rev>/<file> to ../../blobs/<hash>.
+        blobs = home.parent.parent / "blobs" if home.parent.name == "snapshots" else None
+        if home not in target.parents and target.parent != blobs:
+            raise UserError(
+                f"{path} is a symlink to {target}, outside {folder}; titan reads no file outside "
+                "the model folder: copy the file in (or link the whole folder instead)"
+            )
+    return path
 
 
 class HFReader:
     """The tensors of an HF folder, read one at a time (or a slice of one), never all at once.
 
-    Opening checks every shard's header and size, so a missing or truncated file fails here,
-    before any tensor is read.
+    Opening checks the index (every shard a file in the folder, checked before any is opened)
+    and every shard's header (see :func:`read_header`), so a damaged, crafted, missing or
+    truncated file fails here, before any tensor byte is read.
 
     Args:
         folder: holds ``model.safetensors.index.json`` and its shards, or ``model.safetensors``.
@@ -95,40 +255,32 @@ class HFReader:
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{index} is not a safetensors index (no weight_map)") from None
+            weight_map: dict[str, str] | None = _read_index(index)
             files = sorted(set(weight_map.values()))
-        elif (self.folder / SINGLE_FILE).is_file():
+        elif (self.folder / SINGLE_FILE).exists() or (self.folder / SINGLE_FILE).is_symlink():
             weight_map, files = None, [SINGLE_FILE]
         else:
             raise UserError(
                 f"{self.folder} holds neither {INDEX_FILE} nor {SINGLE_FILE}; only safetensors "
                 "weights are supported (re-save .bin weights with safe_serialization=True)"
             )
-        missing = [f for f in files if not (self.folder / f).is_file()]
+        source = index if weight_map is not None else self.folder
+        paths = {file: _shard_path(self.folder, file, source) for file in files}
+        missing = [file for file, path in paths.items() if not path.is_file()]
         if missing:
-            raise UserError(f"{index}: shards not found in {self.folder}: {listing(missing)}")
+            raise UserError(f"{source}: shards not found (or not files): {listing(missing)}")
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self.offsets: dict[str, int] = {}  # where each tensor's bytes start in its file
-        for file in files:
-            data_start, header = _read_header(self.folder / file)
-            for name, info in header.items():
-                self.files[name] = self.folder / file
-                self.offsets[name] = data_start + info["data_offsets"][0]
-                self.shapes[name] = tuple(info["shape"])
-                if info["dtype"] not in _DTYPES:
-                    raise UserError(
-                        f"{self.folder / file}: {name} has unsupported dtype {info['dtype']}"
-                    )
-                self.dtypes[name] = _DTYPES[info["dtype"]]
+        for path in paths.values():
+            for name, (dtype, shape, offset) in read_header(path).items():
+                if name in self.files:
+                    raise UserError(f"{path}: tensor '{name}' is also in {self.files[name]}")
+                self.files[name], self.shapes[name] = path, shape
+                self.dtypes[name], self.offsets[name] = dtype, offset
         if weight_map is not None:
-            absent = sorted(
-                k for k, f in weight_map.items() if k not in self.files or self.files[k].name != f
-            )
+            absent = sorted(k for k, f in weight_map.items() if self.files.get(k) != paths[f])
             if absent:
                 raise UserError(f"{index} names tensors its shards lack: {listing(absent)}")
 

@@ -10,7 +10,12 @@ import torch
 
 from titan_core.errors import UserError
 from titan_core.hf import StateDictAdapter
-from titan_core.hf_config import config_value, refuse_unsupported, rope_parameters
+from titan_core.hf_config import (
+    attention_heads,
+    config_value,
+    refuse_unsupported,
+    rope_parameters,
+)
 from titan_core.models import Llama3RopeScaling
 from titan_llama3.args import LLAMA3_FLAVORS, Llama3Args
 from titan_llama3.model import Transformer
@@ -53,6 +58,11 @@ def _rope(config: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     scaling = {
         k: config_value(values, k, fields.get(k, float), where=f"{key}.") for k in _LLAMA3_ROPE_KEYS
     }
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise UserError(
+            f"config.json: {key}.high_freq_factor {scaling['high_freq_factor']} must be above "
+            f"{key}.low_freq_factor {scaling['low_freq_factor']}; fix config.json"
+        )
     return theta, Llama3RopeScaling(**scaling)
 
 
@@ -110,15 +120,7 @@ class Llama3StateDictAdapter(StateDictAdapter):
         _refuse(config, "hidden_act", "silu")
         _refuse(config, "attention_bias", False)
         _refuse(config, "mlp_bias", False)
-        dim = _get(config, "hidden_size", int)
-        n_heads = _get(config, "num_attention_heads", int)
-        n_kv_heads = _get(config, "num_key_value_heads", int, n_heads)
-        head_dim = _get(config, "head_dim", int, dim // n_heads)
-        if n_heads % n_kv_heads or head_dim % 2:
-            raise UserError(
-                f"config.json: num_attention_heads={n_heads} must be a multiple of "
-                f"num_key_value_heads={n_kv_heads} and head_dim={head_dim} even"
-            )
+        dim, n_heads, n_kv_heads, head_dim = attention_heads(config, family="Llama")
         theta, scaling = _rope(config)
         args = Llama3Args(
             dim=dim,

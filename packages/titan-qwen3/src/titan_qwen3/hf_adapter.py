@@ -9,7 +9,12 @@ import torch
 
 from titan_core.errors import UserError
 from titan_core.hf import StateDictAdapter
-from titan_core.hf_config import config_value, refuse_unsupported, rope_parameters
+from titan_core.hf_config import (
+    attention_heads,
+    config_value,
+    refuse_unsupported,
+    rope_parameters,
+)
 from titan_qwen3.args import Qwen3Args
 from titan_qwen3.model import Qwen3Transformer
 
@@ -87,14 +92,9 @@ class Qwen3StateDictAdapter(StateDictAdapter):
                 variant); names the key.
         """
         _refuse_what_titan_lacks(config)
-        n_heads = _get(config, "num_attention_heads", int)
-        n_kv_heads = _get(config, "num_key_value_heads", int, n_heads)
-        head_dim = _get(config, "head_dim", int, _HF_DEFAULTS["head_dim"])
-        if n_heads % n_kv_heads or head_dim % 2:
-            raise UserError(
-                f"config.json: num_attention_heads={n_heads} must be a multiple of "
-                f"num_key_value_heads={n_kv_heads} and head_dim={head_dim} even"
-            )
+        dim, n_heads, n_kv_heads, head_dim = attention_heads(
+            config, family=FAMILY, default_head_dim=_HF_DEFAULTS["head_dim"]
+        )
         theta, kind, _, key = rope_parameters(config, _HF_DEFAULTS["rope_theta"])
         if kind != "default":
             raise UserError(
@@ -102,7 +102,7 @@ class Qwen3StateDictAdapter(StateDictAdapter):
                 f"titan's {FAMILY} has no such RoPE variant"
             )
         return Qwen3Args(
-            dim=_get(config, "hidden_size", int),
+            dim=dim,
             n_layers=_get(config, "num_hidden_layers", int),
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
