@@ -3,7 +3,10 @@
 The global batch has ``G`` rows, each a window of ``seq_len + 1`` tokens (inputs are the first
 ``seq_len``, labels the last ``seq_len``). Row ``j`` reads its own sub-stream of documents, global
 numbers ``j, j + G, j + 2G, ...``, each tokenized as ``[bos] + text + [eos]`` and concatenated;
-consecutive windows are cut from that token stream with no overlap and no padding.
+consecutive windows are cut from that token stream with no overlap and no padding. A document is
+tokenized only as far as the windows reach, a piece at a time (see
+:class:`~titan_core.data.tokenizer.DocumentTokens`): a huge document costs the memory of its text
+and of one piece's tokens, not of all its tokens.
 
 Because a row never depends on which rank reads it, every data-parallel layout with the same ``G``
 trains on the same tokens at the same step: DP rank ``r`` of ``D`` just reads rows
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from titan_core.data.sources import DocumentSource, open_documents
-from titan_core.data.tokenizer import Tokenizer
+from titan_core.data.tokenizer import DocumentTokens, Tokenizer
 from titan_core.errors import UserError
 
 logger = logging.getLogger("titan")
@@ -33,7 +36,7 @@ Microbatch = tuple[torch.Tensor, torch.Tensor]
 class _Row:
     k: int = 0  # document number within the row's sub-stream (global number j + k*G)
     offset: int = 0  # tokens of that document already used
-    tokens: list[int] | None = None  # the tokenized document k, once read
+    doc: DocumentTokens | None = None  # document k, once read
 
 
 class GlobalBatchLoader:
@@ -171,7 +174,7 @@ class GlobalBatchLoader:
             )
         for j, row in self._rows.items():
             row.k, row.offset = positions[j]
-            row.tokens = None
+            row.doc = None
 
     def _window(self, j: int) -> list[int]:
         """Cut the next ``seq_len + 1`` tokens from row ``j``'s token stream."""
@@ -179,29 +182,23 @@ class GlobalBatchLoader:
         window: list[int] = []
         need = self.seq_len + 1
         while need > 0:
-            if row.tokens is None:
-                row.tokens = self._read_document(j, row)
-            piece = row.tokens[row.offset : row.offset + need]
-            if not piece:  # an offset past the end would loop forever
-                raise RuntimeError(f"row {j}: offset {row.offset} is past its document's end")
+            if row.doc is None:
+                text = self._source.get(j + row.k * self.global_batch_size)
+                row.doc = DocumentTokens(text, self._tokenizer)
+            piece = row.doc.take(row.offset, need)
+            if not piece:
+                # Only a resumed state can point past a document's end.
+                raise UserError(
+                    f"checkpoint data state: row {j} resumes at token {row.offset}, past the end "
+                    "of its document; the dataset or tokenizer changed since the checkpoint, so "
+                    "resume with the original ones or start a fresh run"
+                )
             window += piece
             need -= len(piece)
             row.offset += len(piece)
-            if row.offset == len(row.tokens):
-                row.k, row.offset, row.tokens = row.k + 1, 0, None
+            if row.doc.ends_at(row.offset):
+                row.k, row.offset, row.doc = row.k + 1, 0, None
         return window
-
-    def _read_document(self, j: int, row: _Row) -> list[int]:
-        text = self._source.get(j + row.k * self.global_batch_size)
-        tokens = [self._tokenizer.bos_id, *self._tokenizer.encode(text), self._tokenizer.eos_id]
-        if row.offset >= len(tokens):
-            # Only a resumed state can point past a document's end.
-            raise UserError(
-                f"checkpoint data state: row {j} resumes at token {row.offset} of a document "
-                f"that has {len(tokens)}; the dataset or tokenizer changed since the checkpoint, "
-                "so resume with the original ones or start a fresh run"
-            )
-        return tokens
 
 
 def _check_layout(seq_len: int, global_batch: int, local_batch: int, dp_degree: int) -> int:

@@ -10,23 +10,35 @@ Two kinds:
   caller will still need (the ``owned`` predicate) wait in a lookahead cache, the rest are dropped.
   At the end of the stream it restarts (the next epoch, in the same order).
 
+A local or hub source that holds no text (every row empty or whitespace only) is refused when it
+is opened: local files are checked whole, streams by their first ``TEXT_CHECK_ROWS`` rows. In
+``.txt`` files a document is a line, and empty or whitespace-only lines are not documents.
+
 ``datasets`` is imported only when a local or hub dataset is opened: it is slow to import, and the
-embedded default does not need it.
+embedded default does not need it. Its own logging and progress bars are silenced while titan reads
+through it: titan reports a failure itself, in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from titan_core.data.embedded import embedded_assets_dir
 from titan_core.errors import UserError
+
+if TYPE_CHECKING:  # numpy and pyarrow come with `datasets`, imported only for its sources
+    import numpy as np
+    import pyarrow as pa
 
 logger = logging.getLogger("titan")
 
@@ -39,6 +51,8 @@ HUB_DATASETS: dict[str, tuple[str, str | None]] = {
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 _PATH_FIELD = "training.dataset_path"
 _KINDS_HINT = "pass a .jsonl, .parquet or .txt file or a folder of them"
+# A stream cannot be scanned before training: this many rows without text at its start refuse it.
+TEXT_CHECK_ROWS = 1000
 
 
 class DocumentSource(Protocol):
@@ -71,7 +85,8 @@ def open_documents(
             local data); hub datasets always stream.
 
     Raises:
-        UserError: the path is missing, unreadable, empty, or has no ``text`` column.
+        UserError: the path is missing, unreadable or empty, has no ``text`` column, or its
+            documents hold no text (for a stream: its first ``TEXT_CHECK_ROWS`` rows).
     """
     if dataset_path:
         return _open_local(dataset_path, seed, owned, streaming)
@@ -137,22 +152,30 @@ class StreamingDocuments:
         open_stream: Callable[[], Iterator[dict[str, Any]]],
         owned: Callable[[int], bool] | None,
         name: str,
+        *,
+        skip_blank: bool = False,
     ) -> None:
-        """Wrap a stream of rows.
+        """Wrap a stream of rows, and check that its first rows hold text.
 
         Args:
             open_stream: returns a fresh iterator over the rows, from the beginning.
             owned: whether a skipped index will be asked for later; ``None`` keeps all.
             name: how errors refer to this source (a field and value).
+            skip_blank: rows whose text is empty or whitespace only are not documents (``.txt``).
+
+        Raises:
+            UserError: the stream is empty, or its first ``TEXT_CHECK_ROWS`` rows hold no text.
         """
         self._open = open_stream
         self._owned = owned or (lambda index: True)
         self._name = name
+        self._skip_blank = skip_blank
         self._cache: dict[int, str] = {}
         self._it: Iterator[dict[str, Any]] = iter(())
-        self._next = 0  # global index of the row the iterator yields next
-        self._epoch_start = 0  # global index of the current pass's first row
+        self._next = 0  # global index of the document the iterator yields next
+        self._epoch_start = 0  # global index of the current pass's first document
         self._restart(0)
+        self._check_text()
 
     def get(self, index: int) -> str:
         """Return the text of global document number ``index``.
@@ -168,40 +191,112 @@ class StreamingDocuments:
             logger.warning("%s: re-reading document %d restarts the stream", self._name, index)
             self._restart(0)
             self._cache.clear()
-        while True:
-            current, text = self._next, self._advance()
-            if current == index:
-                return text
-            if self._owned(current):
-                self._cache[current] = text
+        with _quiet_datasets():  # per call, not per row read: a get may pass many rows
+            while True:
+                current, text = self._next, self._advance()
+                if current == index:
+                    return text
+                if self._owned(current):
+                    self._cache[current] = text
 
     def _advance(self) -> str:
-        row = self._read_row()
-        if row is None:
-            if self._next == self._epoch_start:
-                raise UserError(f"{self._name} yielded no documents; use a non-empty dataset")
-            # NOTE: a stream has no random access; the next epoch is the same order again.
-            self._restart(self._next)
-            return self._advance()
+        while True:
+            row = self._read_row()
+            if row is None:
+                if self._next == self._epoch_start:
+                    raise UserError(f"{self._name} yielded no documents; use a non-empty dataset")
+                # NOTE: a stream has no random access; the next epoch is the same order again.
+                self._restart(self._next)
+                continue
+            text = self._text(row)
+            if not (self._skip_blank and _is_blank(text)):
+                self._next += 1
+                return text
+
+    def _check_text(self) -> None:
+        """Read rows until one holds text, then put them back in front of the stream."""
+        rows: list[dict[str, Any]] = []
+        try:
+            with _quiet_datasets():
+                while len(rows) < TEXT_CHECK_ROWS:
+                    row = self._read_row("its first rows")
+                    if row is None:
+                        break
+                    rows.append(row)
+                    if not _is_blank(self._text(row)):
+                        return
+        finally:
+            self._it = itertools.chain(rows, self._it)
+        if not rows:
+            raise UserError(f"{self._name} yielded no documents; use a non-empty dataset")
+        raise UserError(_no_text(self._name, len(rows), whole=len(rows) < TEXT_CHECK_ROWS))
+
+    def _text(self, row: dict[str, Any]) -> str:
         if "text" not in row:
             raise UserError(_no_text_column(self._name, list(row)))
-        self._next += 1
         return _as_text(row["text"])
 
-    def _read_row(self) -> dict[str, Any] | None:
+    def _read_row(self, where: str = "") -> dict[str, Any] | None:
         try:
             return next(self._it, None)
         except UserError:
             raise
         except Exception as err:  # a stream reads (and parses) lazily, so bad data surfaces here
             raise UserError(
-                f"{self._name}: reading document {self._next} failed ({_innermost(err)}); "
-                "check the data files or the dataset name"
+                f"{self._name}: reading {where or f'document {self._next}'} failed "
+                f"({_innermost(err)}); check the data files or the dataset name"
             ) from err
 
     def _restart(self, start: int) -> None:
         self._it = iter(self._open())
         self._next = self._epoch_start = start
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence ``datasets``' log records and progress bars while it reads for titan.
+
+    NOTE: its JSON loader logs a parse error at ERROR level (printed twice: by its own handler and
+    by the root logger) and draws a "Generating train split" bar before it raises; the UserError
+    made from the exception says it once. Swapping handlers is cheap (``setLevel`` would clear
+    every logger's cache), so streams do it on every ``get``. ``TITAN_DEBUG=1`` keeps the output.
+    """
+    if os.environ.get("TITAN_DEBUG") == "1":
+        yield
+        return
+    import datasets
+    from datasets import utils as ds_utils
+
+    log = logging.getLogger("datasets")
+    saved = log.handlers, log.propagate
+    log.handlers, log.propagate = [_DROP], False
+    # An explicit HF_DATASETS_DISABLE_PROGRESS_BARS wins (and toggling it would warn).
+    toggle_bars = datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is None
+    bars_were_off = ds_utils.are_progress_bars_disabled()
+    if toggle_bars:
+        ds_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        log.handlers, log.propagate = saved
+        if toggle_bars and not bars_were_off:
+            ds_utils.enable_progress_bars()
+
+
+# Stands in for the `datasets` logger's handlers: with none, logging would print to stderr anyway.
+_DROP = logging.NullHandler()
+
+
+def _is_blank(text: str) -> bool:
+    return not text or text.isspace()
+
+
+def _no_text(name: str, rows: int, whole: bool) -> str:
+    which = f"all {rows} rows" if whole else f"the first {rows} rows"
+    return (
+        f"{name} holds no text: {which} are empty or whitespace only, so training would see only "
+        'document boundary tokens; put the documents in the "text" field or remove the empty rows'
+    )
 
 
 def _as_text(value: object) -> str:
@@ -256,11 +351,17 @@ def _open_local(
 ) -> DocumentSource:
     builder, files = _local_files(dataset_path)
     name = f"{_PATH_FIELD}: {dataset_path}"
+    # NOTE: `datasets` reads a .txt file as one row per line; an empty line separates, it is no
+    # document (and would train on boundary tokens alone).
+    skip_blank = builder == "text"
     import datasets  # slow import; only for non-embedded data
 
     def load(stream: bool) -> Any:
         try:
-            return datasets.load_dataset(builder, data_files=files, split="train", streaming=stream)
+            with _quiet_datasets():
+                return datasets.load_dataset(
+                    builder, data_files=files, split="train", streaming=stream
+                )
         except Exception as err:  # datasets and pyarrow raise many unrelated types
             raise UserError(
                 f"{name} could not be read as {builder} ({_innermost(err)}); "
@@ -268,27 +369,81 @@ def _open_local(
             ) from err
 
     if streaming:
-        return StreamingDocuments(lambda: load(True), owned, name)
+        return StreamingDocuments(lambda: load(True), owned, name, skip_blank=skip_blank)
     ds = load(False)
     if "text" not in ds.column_names:
         raise UserError(_no_text_column(name, ds.column_names))
     if len(ds) == 0:
         raise UserError(f"{name} holds no documents; add documents to it")
-    return MapDocuments(_TextColumn(ds.select_columns(["text"])), seed, name)
+    return MapDocuments(_TextColumn.checked(ds, name, skip_blank), seed, name)
 
 
 class _TextColumn(Sequence[str]):
     """Lazy random access to the ``text`` column of a map-style ``datasets.Dataset``."""
 
-    def __init__(self, ds: Any) -> None:
+    def __init__(self, ds: Any, rows: np.ndarray | None = None) -> None:
+        """Wrap a dataset.
+
+        Args:
+            ds: a ``datasets.Dataset`` with a ``text`` column.
+            rows: the dataset rows that are documents, in order; ``None`` for all of them.
+        """
         # NOTE: ds["text"] would copy the whole column into Python strings on older `datasets`.
-        self._ds = ds
+        self._ds = ds.select_columns(["text"])
+        self._rows = rows
+        # NOTE: rows of the global batch that read the same document (a dataset with fewer
+        # documents than rows) then share one string, not a copy each.
+        self._last: tuple[int, Any] = (-1, "")
+
+    @classmethod
+    def checked(cls, ds: Any, name: str, skip_blank: bool) -> _TextColumn:
+        """Wrap ``ds`` after checking, in Arrow, that some row holds text.
+
+        Args:
+            ds: a non-empty ``datasets.Dataset`` with a ``text`` column, as loaded (no index map).
+            name: how errors refer to it.
+            skip_blank: leave out the rows whose text is empty or whitespace only.
+
+        Raises:
+            UserError: every row is empty or whitespace only.
+        """
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        column = ds.data.column("text")
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            if pa.types.is_null(column.type):  # every cell null, e.g. {"text": null} rows
+                raise UserError(_no_text(name, len(ds), whole=True))
+            return cls(ds)  # numbers and the like: their str() is never blank
+        if skip_blank:
+            keep = np.flatnonzero(_has_text(column).to_numpy(zero_copy_only=False))
+            if len(keep) == 0:
+                raise UserError(_no_text(name, len(ds), whole=True))
+            if len(keep) == len(ds):
+                return cls(ds)
+            return cls(ds, keep.astype(np.int32 if len(ds) < 2**31 else np.int64))
+        # Stop at the first chunk with text: only data without any is read to its end.
+        if not any(pc.any(_has_text(chunk)).as_py() for chunk in column.chunks):
+            raise UserError(_no_text(name, len(ds), whole=True))
+        return cls(ds)
 
     def __len__(self) -> int:
-        return len(self._ds)
+        return len(self._ds) if self._rows is None else len(self._rows)
 
     def __getitem__(self, index: int) -> str:  # type: ignore[override]
-        return self._ds[index]["text"]
+        row = index if self._rows is None else int(self._rows[index])
+        if self._last[0] != row:
+            self._last = (row, self._ds[row]["text"])
+        return self._last[1]
+
+
+def _has_text(texts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Per string: not null, not empty, not whitespace only (the Arrow form of ``_is_blank``)."""
+    import pyarrow.compute as pc
+
+    blank = pc.or_(pc.equal(pc.utf8_length(texts), 0), pc.utf8_is_space(texts))
+    return pc.invert(blank.fill_null(True))
 
 
 def _open_hub(dataset: str, owned: Callable[[int], bool] | None) -> DocumentSource:
@@ -298,7 +453,8 @@ def _open_hub(dataset: str, owned: Callable[[int], bool] | None) -> DocumentSour
 
     def load() -> Any:
         try:
-            return datasets.load_dataset(repo, config, split="train", streaming=True)
+            with _quiet_datasets():
+                return datasets.load_dataset(repo, config, split="train", streaming=True)
         except Exception as err:  # network, auth and name errors all land here
             raise UserError(
                 f"{name} could not be opened as hub dataset {repo} ({_innermost(err)}); check the name "

@@ -8,6 +8,7 @@ that common model families put in their vocabularies.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import tokenizers
@@ -19,6 +20,8 @@ _FIELD = "model.hf_assets_path"
 # Tried in order when tokenizer_config.json does not name the token (or names one not in the vocab).
 _BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<|bos|>")  # Llama 3, Llama 2 / Mistral, titan
 _EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<|eos|>")  # ..., GPT-2 / Qwen
+# Longer documents are tokenized a piece at a time (see text_pieces); shorter ones in one call.
+MAX_PIECE_CHARS = 1 << 18
 
 
 class Tokenizer:
@@ -65,6 +68,97 @@ class Tokenizer:
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
         )
+
+
+class DocumentTokens:
+    """The tokens ``[bos] + encode(text) + [eos]`` of one document, tokenized as they are read.
+
+    The text is tokenized one :func:`text_pieces` piece at a time, only when a reader needs tokens
+    beyond those already made, and tokens before the reader's offset are dropped: memory holds one
+    piece's tokens, not the whole document's, and a reader that stops early tokenizes only a prefix.
+    """
+
+    def __init__(self, text: str, tokenizer: Tokenizer, max_chars: int = MAX_PIECE_CHARS) -> None:
+        """Prepare to tokenize ``text``.
+
+        Args:
+            text: the document.
+            tokenizer: supplies ``encode``, ``bos_id`` and ``eos_id``.
+            max_chars: the longest piece of text tokenized in one call.
+        """
+        self._tokenizer = tokenizer
+        self._pieces = text_pieces(text, max_chars)
+        self._tokens: list[int] = [tokenizer.bos_id]
+        self._start = 0  # token position in the document of self._tokens[0]
+        self._ended = False  # EOS appended: self._tokens reaches the document's end
+
+    def take(self, offset: int, n: int) -> list[int]:
+        """Return the document's tokens ``[offset, offset + n)``: fewer at its end, none past it.
+
+        Args:
+            offset: a token position, not less than any passed before (earlier tokens are gone).
+            n: the number of tokens wanted.
+        """
+        while offset + n > self._start + len(self._tokens) and not self._ended:
+            self._extend(offset)
+        i = offset - self._start
+        return self._tokens[i : i + n]
+
+    def ends_at(self, offset: int) -> bool:
+        """Whether token position ``offset`` is at (or past) the end of the document.
+
+        Args:
+            offset: a token position, at most the end of the tokens last returned by :meth:`take`.
+        """
+        return self._ended and offset >= self._start + len(self._tokens)
+
+    def _extend(self, offset: int) -> None:
+        used = min(offset - self._start, len(self._tokens))
+        del self._tokens[:used]
+        self._start += used
+        piece = next(self._pieces, None)
+        if piece is None:
+            self._tokens.append(self._tokenizer.eos_id)
+            self._ended = True
+        else:
+            self._tokens += self._tokenizer.encode(piece)
+
+
+def text_pieces(text: str, max_chars: int = MAX_PIECE_CHARS) -> Iterator[str]:
+    """Split ``text`` into pieces of at most ``max_chars`` characters, cut at word starts.
+
+    A text of at most ``max_chars`` characters is one piece, so it tokenizes exactly as a whole.
+    A longer one is cut just before a space that follows a non-space, into pieces that start at
+    ``max_chars / 16`` and double (a reader that needs only the start tokenizes little of it).
+    NOTE: byte-level BPE pre-tokenizers (GPT-2, Llama 3, Qwen) never join a non-space and the
+    space after it in one pre-token, so their tokens are the same as the whole text's; a
+    tokenizer that marks the start of every input (a SentencePiece normalizer that prepends its
+    word marker) adds a token at each cut. A stretch with no such space is cut at the piece
+    size, which may split a token there.
+
+    Args:
+        text: the text to split.
+        max_chars: the longest piece.
+    """
+    if len(text) <= max_chars:
+        yield from (text,) if text else ()
+        return
+    start, size = 0, max(1, max_chars // 16)
+    while len(text) - start > size:
+        cut = _word_start(text, start, start + size)
+        yield text[start:cut]
+        start, size = cut, min(2 * size, max_chars)
+    yield text[start:]
+
+
+def _word_start(text: str, lo: int, hi: int) -> int:
+    """The last ``p`` in ``(lo, hi]`` with a space at ``p`` after a non-space, else ``hi``."""
+    p = text.rfind(" ", lo + 1, hi + 1)
+    while p > lo:
+        if not text[p - 1].isspace():
+            return p
+        p = text.rfind(" ", lo + 1, p)
+    return hi
 
 
 def load_tokenizer(hf_assets_path: str) -> Tokenizer:
