@@ -10,7 +10,7 @@ from helpers import REPO
 from titan_core.config import JobConfig, load_toml
 from titan_core.config.manager import markdown_reference
 from titan_core.errors import UserError
-from titan_core.trainer import resolve_model_args
+from titan_core.preflight import resolve_model_args
 from titan_llama3 import LLAMA3_FLAVORS, train_spec
 
 CONFIGS = sorted(

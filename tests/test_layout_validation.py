@@ -70,7 +70,7 @@ def test_valid_layouts_pass():
 
 @pytest.mark.parametrize("option", ["0", "x", "-1"])
 def test_bad_selective_ac_option(option):
-    from titan_core.trainer import validate_training
+    from titan_core.preflight import validate_training
 
     config = build_config(
         [

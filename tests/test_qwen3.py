@@ -113,7 +113,7 @@ def test_an_example_config_ships_for_every_flavor_with_a_valid_8_gpu_layout():
 
     from titan_core.config import JobConfig, load_toml
     from titan_core.parallel import ParallelDims, validate_layout
-    from titan_core.trainer import resolve_model_args
+    from titan_core.preflight import resolve_model_args
 
     flavors = set()
     for path in files("titan_qwen3").joinpath("configs").iterdir():

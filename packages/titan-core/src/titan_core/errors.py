@@ -11,3 +11,16 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input that a person can fix; printed as one line, exit code 2."""
+
+
+class RunStopped(Exception):
+    """A run that ended early on purpose (a signal, a non-finite loss); one line, its own exit code.
+
+    Args:
+        message: what happened and what to do next.
+        exit_code: the process's exit status.
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -11,21 +11,27 @@ from torch.optim.lr_scheduler import LambdaLR
 from titan_core.config.job_config import LRScheduler, Optimizer
 from titan_core.errors import UserError
 
+OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
+
+
+def check_optimizer(cfg: Optimizer) -> None:
+    """The [optimizer] keys that the config's bounds cannot express."""
+    if cfg.name not in OPTIMIZERS:
+        raise UserError(f"optimizer.name: '{cfg.name}' is not one of {', '.join(OPTIMIZERS)}")
+    if cfg.lr <= 0:
+        raise UserError(f"optimizer.lr={cfg.lr}: the learning rate must be > 0")
+
 
 def build_optimizer(parts: list[nn.Module], cfg: Optimizer) -> torch.optim.Optimizer:
     """AdamW (decoupled decay) or Adam over every trainable parameter of the model parts."""
-    classes = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
-    if cfg.name not in classes:
-        raise UserError(f"optimizer.name: '{cfg.name}' is not one of {', '.join(classes)}")
-    if cfg.lr <= 0:
-        raise UserError(f"optimizer.lr={cfg.lr}: the learning rate must be > 0")
+    check_optimizer(cfg)
     style = {
         "fused": {"fused": True},
         "foreach": {"foreach": True},
         "for-loop": {"foreach": False},
     }[cfg.implementation]
     params = [p for part in parts for p in part.parameters() if p.requires_grad]
-    return classes[cfg.name](
+    return OPTIMIZERS[cfg.name](
         params,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),

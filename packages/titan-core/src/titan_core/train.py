@@ -5,11 +5,15 @@ Bad input exits with code 2 and one line on stderr; set ``TITAN_DEBUG=1`` for th
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 
-from titan_core.errors import UserError
+from titan_core.errors import RunStopped, UserError
 
 
 def _setup_logging() -> None:
@@ -69,21 +73,45 @@ def run(argv: list[str]) -> dict | None:
     return summary
 
 
+def report(message: str) -> None:
+    """Print a run-ending message once per job: on rank 0, and for torchrun's failure summary.
+
+    Under torchrun each rank would print the same line; the others stay quiet, and every rank
+    writes it to the error file torchrun reads (``TORCHELASTIC_ERROR_FILE``), so torchrun's
+    "Root Cause" names it instead of pointing at a traceback.
+    """
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(
+                json.dumps({"message": message, "timestamp": int(time.time())}), encoding="utf-8"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     argv = sys.argv[1:] if argv is None else argv
+    code = 0
     try:
         run(argv)
     except UserError as e:
         if os.environ.get("TITAN_DEBUG") == "1":
             raise
-        print(f"titan-train: error: {e}", file=sys.stderr)
-        return 2
+        report(f"titan-train: error: {e}")
+        code = 2
+    except RunStopped as e:
+        report(f"titan-train: {e}")
+        code = e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing was saved
+        report("titan-train: interrupted before training started; nothing was saved")
+        code = 130
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         from titan_core.distributed import exit_now
 
-        exit_now(0)  # every file is closed and the group destroyed
-    return 0
+        exit_now(code)  # every file is closed; skip the teardown that races gloo's threads
+    return code
 
 
 if __name__ == "__main__":

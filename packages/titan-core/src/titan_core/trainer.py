@@ -25,9 +25,11 @@ from torch.distributed.tensor.parallel import loss_parallel
 from titan_core.checkpoint import (
     LOADABLE_PARTS,
     Checkpointer,
-    initial_step_folder,
+    check_initial_source,
     resume_candidates,
+    step_dir,
 )
+from titan_core.checkpoint_safety import check_resume_source
 from titan_core.config import JobConfig, to_toml
 from titan_core.data import GlobalBatchLoader, Tokenizer, load_tokenizer
 from titan_core.distributed import (
@@ -36,9 +38,19 @@ from titan_core.distributed import (
     runtime_from_env,
     set_collective_timeout,
 )
-from titan_core.errors import UserError
-from titan_core.metrics import MetricsLogger, device_peak_flops, memory_gib
-from titan_core.optim import build_lr_scheduler, build_optimizer
+from titan_core.errors import RunStopped, UserError
+from titan_core.metrics import (
+    MetricsLogger,
+    check_metrics_sinks,
+    device_peak_flops,
+    memory_gib,
+)
+from titan_core.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    check_optimizer,
+    validate_lr_scheduler,
+)
 from titan_core.parallel import (
     ParallelDims,
     ParallelMesh,
@@ -47,66 +59,14 @@ from titan_core.parallel import (
     isolate_compile_cache,
     validate_layout,
 )
-from titan_core.parallel.activation_checkpoint import parse_every_n
 from titan_core.parallel.grad_norm import clip_grad_norm_
 from titan_core.precision import param_and_reduce_dtypes
-from titan_core.train_spec import TrainSpec, get_train_spec
+from titan_core.preflight import resolve_model_args, validate_training
+from titan_core.run_folder import check_dump_folder, prepare_dump_folder
+from titan_core.stopping import StopSignals, finite_step, stopped_by_signal
+from titan_core.train_spec import get_train_spec
 
 logger = logging.getLogger("titan")
-
-RUN_FILES = ("config.toml", "metrics.jsonl", "tb")
-
-
-def resolve_model_args(spec: TrainSpec, config: JobConfig) -> Any:
-    """The flavor's args, with the RoPE table sized for ``training.seq_len``."""
-    if config.model.flavor not in spec.flavors:
-        raise UserError(
-            f"model.flavor: '{config.model.flavor}' is not a flavor of {spec.name} "
-            f"(flavors: {', '.join(spec.flavors)})"
-        )
-    args = spec.flavors[config.model.flavor]
-    if hasattr(args, "max_seq_len"):
-        args = dataclasses.replace(args, max_seq_len=config.training.seq_len)
-    return args
-
-
-def validate_training(config: JobConfig, dims: ParallelDims) -> int:
-    """Check the [training] numbers against the layout; return the global batch size."""
-    t = config.training
-    for key in ("steps", "seq_len", "local_batch_size"):
-        if getattr(t, key) < 1:
-            raise UserError(f"training.{key}={getattr(t, key)}: must be >= 1")
-    if config.metrics.log_freq < 1:
-        raise UserError(f"metrics.log_freq={config.metrics.log_freq}: must be >= 1")
-    if config.checkpoint.create_seed_checkpoint and dims.world_size != 1:
-        raise UserError(
-            "checkpoint.create_seed_checkpoint: run it in one process (the weights are written "
-            f"whole), not under {dims.world_size} ranks; drop torchrun for this step"
-        )
-    if config.checkpoint.interval < 1:
-        raise UserError(f"checkpoint.interval={config.checkpoint.interval}: must be >= 1")
-    if config.activation_checkpoint.mode == "selective":
-        parse_every_n(config.activation_checkpoint.selective_ac_option)
-    unknown = set(config.compile.components) - {"model", "loss"}
-    if unknown:
-        raise UserError(
-            f"compile.components: unknown {sorted(unknown)}; use model and/or loss "
-            "(e.g. --compile.components model,loss)"
-        )
-    if config.model.converters:
-        raise UserError(
-            f"model.converters={config.model.converters}: no converter is available yet; "
-            "leave it empty"
-        )
-    per_step = t.local_batch_size * dims.dp
-    global_batch = per_step if t.global_batch_size == -1 else t.global_batch_size
-    if global_batch < 1 or global_batch % per_step:
-        raise UserError(
-            f"training.global_batch_size={t.global_batch_size} must be a positive multiple of "
-            f"training.local_batch_size x data-parallel degree = {t.local_batch_size} x {dims.dp}"
-            f" = {per_step} (or -1)"
-        )
-    return global_batch
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -117,18 +77,6 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 def as_local(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a (replicated) DTensor such as a loss-parallel loss."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def archive_previous_run(dump: Path) -> None:
-    """Move an earlier run's files to ``previous-runs/<time>/`` so a new run never erases them."""
-    present = [dump / name for name in RUN_FILES if (dump / name).exists()]
-    if not present:
-        return
-    target = dump / "previous-runs" / time.strftime("%Y%m%d-%H%M%S")
-    target.mkdir(parents=True, exist_ok=True)
-    for path in present:
-        path.rename(target / path.name)
-    logger.info("moved the previous run's files in %s to %s", dump, target)
 
 
 class Trainer:
@@ -158,6 +106,7 @@ class Trainer:
     def check_inputs(self) -> None:
         """Everything a person can get wrong, checked before any process group or model."""
         c = self.config
+        self.dump = check_dump_folder(c.job.dump_folder)
         self.spec = get_train_spec(c.model.name)
         self.model_args = resolve_model_args(self.spec, c)
         if c.checkpoint.initial_load_in_hf:
@@ -166,6 +115,9 @@ class Trainer:
         check_supported(self.dims)
         validate_layout(self.dims, c, self.model_args)
         self.global_batch_size = validate_training(c, self.dims)
+        check_optimizer(c.optimizer)
+        validate_lr_scheduler(c.lr_scheduler, c.training.steps)
+        check_metrics_sinks(c.metrics, self.runtime.is_main)
         if self.dims.pp > 1:
             self.check_pipeline()
         self.resume_steps: list[int] = []
@@ -179,6 +131,11 @@ class Trainer:
                     f"checkpoint.create_seed_checkpoint: {folder} already holds checkpoints "
                     f"(steps {sorted(self.resume_steps)}); use an empty job.dump_folder"
                 )
+            # Another model's checkpoint, or one holding code, is refused before the dump
+            # folder is touched.
+            check_resume_source(
+                folder, self.resume_steps, self.spec, self.model_args, c.model.name, c.model.flavor
+            )
         self.check_checkpoint_keys()
         self.tokenizer: Tokenizer = load_tokenizer(c.model.hf_assets_path)
         vocab = getattr(self.model_args, "vocab_size", None)
@@ -220,7 +177,8 @@ class Trainer:
 
                 check_hf_source(self, source)
             else:
-                initial_step_folder(source)
+                m = self.config.model
+                check_initial_source(self.spec, self.model_args, source, m.name, m.flavor)
 
     def hf_model_args(self) -> Any:
         """With ``initial_load_in_hf``, the model is the one the HF folder's config.json
@@ -249,14 +207,7 @@ class Trainer:
     def prepare_dump_folder(self) -> None:
         """Create the dump folder, keep an earlier run's files, write the resolved config."""
         if self.runtime.is_main:
-            dump = Path(self.config.job.dump_folder)
-            try:
-                dump.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"job.dump_folder: cannot create {dump} ({e.strerror})") from None
-            if not self.resume_steps:  # a resumed run appends to its own files
-                archive_previous_run(dump)
-            (dump / "config.toml").write_text(to_toml(self.config), encoding="utf-8")
+            prepare_dump_folder(self.dump, to_toml(self.config), resumed=bool(self.resume_steps))
 
     def build_mesh(self) -> ParallelMesh | None:
         if self.runtime.world_size == 1:
@@ -437,15 +388,18 @@ class Trainer:
             loss += self.forward_backward(inputs, labels, 1.0 / n) / n
         max_norm = self.config.training.max_norm or float("inf")
         pp_mesh = self.mesh.get("pp") if self.pipeline is not None else None
-        grad_norm = clip_grad_norm_(self.model_parts, max_norm, pp_mesh)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = clip_grad_norm_(self.model_parts, max_norm, pp_mesh).item()
         if self.mesh is not None:
             if self.pipeline is not None:  # only the last stage holds the loss
                 dist.all_reduce(loss, group=self.mesh.get("pp").get_group())
             dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=self.mesh.get("dp_cp").get_group())
-        return loss.item(), grad_norm.item()
+        # Both numbers are global, so every rank takes the same decision.
+        skip = self.config.training.skip_nonfinite_steps
+        if finite_step(self.step, loss.item(), grad_norm, skip):
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), grad_norm
 
     def shard_sequence(
         self, inputs: torch.Tensor, labels: torch.Tensor
@@ -464,15 +418,47 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
-        """Run ``training.steps`` steps; return the summary the CLI prints."""
+        """Run ``training.steps`` steps; return the summary the CLI prints.
+
+        Raises:
+            RunStopped: a signal or a non-finite loss ended the run early (its state is saved
+                as far as it is good).
+        """
         t = self.config.training
         if self.config.checkpoint.create_seed_checkpoint:
             return self.write_seed_checkpoint()
-        tokens_per_step_local = t.local_batch_size * t.seq_len * self.loader.grad_accum_steps
-        first_loss = loss = float("nan")
-        start = window_start = time.perf_counter()
-        window_tokens = 0
         first_step = self.step + 1
+        start = time.perf_counter()
+        try:
+            with StopSignals() as signals:
+                first_loss, loss = self.run_steps(first_step, start, signals)
+        except RunStopped:  # every rank stops here: commit a save in flight, flush the metrics
+            self.checkpointer.close()
+            self.metrics.close()
+            raise
+        self.checkpointer.close()
+        self.metrics.close()
+        if self.config.checkpoint.last_save_in_hf:
+            from titan_core.hf_load import save_hf_weights
+
+            save_hf_weights(self, self.step)
+        elapsed = time.perf_counter() - start
+        steps_run = max(t.steps - first_step + 1, 1)
+        tokens_per_step = t.local_batch_size * t.seq_len * self.loader.grad_accum_steps
+        return {
+            "steps": t.steps,
+            "first_loss": first_loss,
+            "final_loss": loss,
+            "tps": tokens_per_step * steps_run / elapsed,
+            "dump_folder": os.path.abspath(self.config.job.dump_folder),
+        }
+
+    def run_steps(self, first_step: int, start: float, signals: StopSignals) -> tuple[float, float]:
+        """Steps ``first_step``..``training.steps``, logged and checkpointed; (first, last) loss."""
+        t = self.config.training
+        tokens_per_step = t.local_batch_size * t.seq_len * self.loader.grad_accum_steps
+        first_loss = loss = float("nan")
+        window_start, window_tokens = time.perf_counter(), 0
         for self.step in range(first_step, t.steps + 1):
             lr = self.scheduler.get_last_lr()[0]
             loss, grad_norm = self.train_step(self.loader.next_batch())
@@ -480,7 +466,7 @@ class Trainer:
                 groups = self.mesh.world.get_all_groups()
                 set_collective_timeout(self.config.comm.train_timeout_seconds, groups)
             first_loss = loss if self.step == first_step else first_loss
-            window_tokens += tokens_per_step_local
+            window_tokens += tokens_per_step
             self.checkpointer.poll()
             blocked = self.checkpointer.maybe_save(self.step, last=self.step == t.steps)
             due = self.step % self.config.metrics.log_freq == 0 or self.step in (
@@ -492,21 +478,21 @@ class Trainer:
                 tps = window_tokens / (now - window_start)
                 self.log_step(loss, grad_norm, lr, tps, now - start, blocked)
                 window_start, window_tokens = now, 0
-        self.checkpointer.close()
-        if self.config.checkpoint.last_save_in_hf:
-            from titan_core.hf_load import save_hf_weights
+            signum = signals.agreed(self.runtime.device)
+            if signum and self.step < t.steps:
+                self.stop_on_signal(signum, saved=blocked is not None)
+        return first_loss, loss
 
-            save_hf_weights(self, self.step)
-        elapsed = time.perf_counter() - start
-        self.metrics.close()
-        steps_run = max(t.steps - first_step + 1, 1)
-        return {
-            "steps": t.steps,
-            "first_loss": first_loss,
-            "final_loss": loss,
-            "tps": tokens_per_step_local * steps_run / elapsed,
-            "dump_folder": os.path.abspath(self.config.job.dump_folder),
-        }
+    def stop_on_signal(self, signum: int, saved: bool) -> None:
+        """Save this step (unless it was just saved) and end the run with :class:`RunStopped`."""
+        ck = self.checkpointer
+        path = None
+        if ck.cfg.enable:
+            if not saved:
+                ck.save(self.step)
+            ck.wait()  # an asynchronous save of this step is committed before the exit
+            path = str(step_dir(ck.folder, self.step))
+        raise stopped_by_signal(signum, self.step, path)
 
     def write_seed_checkpoint(self) -> dict[str, Any]:
         """Save the initial weights as ``step-0`` (model only) instead of training."""

@@ -8,15 +8,54 @@ default run: llama3 ``debugmodel`` on the embedded corpus, about a minute on a 2
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+INT64_MAX = 2**63 - 1
 
-def opt(default: Any, help: str) -> Any:
-    """A config field with a default and a one-sentence meaning."""
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a field accepts: ``lo``/``hi`` inclusive unless ``open_lo``/``open_hi``."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def admits(self, value: float) -> bool:
+        above = value > self.lo if self.open_lo else value >= self.lo
+        below = value < self.hi if self.open_hi else value <= self.hi
+        return above and below
+
+    def describe(self) -> str:
+        """``>= 0``, ``> 0`` or an interval such as ``in [0, 1)``."""
+        lo, hi = _number(self.lo), _number(self.hi)
+        if self.hi == math.inf:
+            return f"{'>' if self.open_lo else '>='} {lo}"
+        if self.lo == -math.inf:
+            return f"{'<' if self.open_hi else '<='} {hi}"
+        left, right = "(" if self.open_lo else "[", ")" if self.open_hi else "]"
+        return f"in {left}{lo}, {hi}{right}"
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+NON_NEGATIVE = Bounds(lo=0)
+POSITIVE = Bounds(lo=0, open_lo=True)
+AT_LEAST_ONE = Bounds(lo=1)
+FRACTION = Bounds(lo=0, hi=1)
+
+
+def opt(default: Any, help: str, bounds: Bounds | None = None) -> Any:
+    """A config field with a default, a one-sentence meaning and the numbers it accepts."""
+    metadata = {"help": help, "bounds": bounds}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -43,11 +82,11 @@ class Model:
 @dataclass
 class Optimizer:
     name: str = opt("AdamW", "Optimizer: AdamW or Adam.")
-    lr: float = opt(8e-4, "Peak learning rate, reached at the end of warmup.")
-    beta1: float = opt(0.9, "Adam beta1.")
-    beta2: float = opt(0.95, "Adam beta2.")
-    eps: float = opt(1e-8, "Adam epsilon.")
-    weight_decay: float = opt(0.1, "Decoupled weight decay.")
+    lr: float = opt(8e-4, "Peak learning rate, reached at the end of warmup.", POSITIVE)
+    beta1: float = opt(0.9, "Adam beta1.", Bounds(0, 1, open_hi=True))
+    beta2: float = opt(0.95, "Adam beta2.", Bounds(0, 1, open_hi=True))
+    eps: float = opt(1e-8, "Adam epsilon.", POSITIVE)
+    weight_decay: float = opt(0.1, "Decoupled weight decay.", NON_NEGATIVE)
     implementation: Literal["fused", "foreach", "for-loop"] = opt(
         "fused", "Kernel style: fused, foreach or for-loop (all give the same update)."
     )
@@ -55,12 +94,16 @@ class Optimizer:
 
 @dataclass
 class LRScheduler:
-    warmup_steps: int = opt(10, "Steps of linear warmup from lr/warmup_steps to lr.")
+    warmup_steps: int = opt(10, "Steps of linear warmup from lr/warmup_steps to lr.", NON_NEGATIVE)
     decay_ratio: float | None = opt(
-        None, "Fraction of the post-warmup steps spent decaying (at the end); unset: all of them."
+        None,
+        "Fraction of the post-warmup steps spent decaying (at the end); unset: all of them.",
+        FRACTION,
     )
     decay_type: Literal["linear", "cosine", "sqrt"] = opt("linear", "Shape of the decay.")
-    min_lr_factor: float = opt(0.0, "Learning rate at the end of decay, as a fraction of lr.")
+    min_lr_factor: float = opt(
+        0.0, "Learning rate at the end of decay, as a fraction of lr.", FRACTION
+    )
 
 
 @dataclass
@@ -70,21 +113,32 @@ class Training:
         "Data: 'embedded' (offline default), or a hub dataset such as c4 or fineweb (streaming).",
     )
     dataset_path: str = opt("", "Local .jsonl/.parquet/.txt file or folder; overrides dataset.")
-    local_batch_size: int = opt(8, "Sequences per data-parallel rank per microstep.")
+    local_batch_size: int = opt(8, "Sequences per data-parallel rank per microstep.", AT_LEAST_ONE)
     global_batch_size: int = opt(
         -1, "Sequences per optimizer step over all ranks; -1: local_batch_size x dp degree."
     )
-    seq_len: int = opt(256, "Tokens per sequence.")
-    max_norm: float = opt(1.0, "Gradient-norm clipping threshold (total norm); 0 disables.")
-    steps: int = opt(100, "Optimizer steps to train.")
+    seq_len: int = opt(256, "Tokens per sequence.", AT_LEAST_ONE)
+    max_norm: float = opt(
+        1.0, "Gradient-norm clipping threshold (total norm); 0 disables.", NON_NEGATIVE
+    )
+    steps: int = opt(100, "Optimizer steps to train.", AT_LEAST_ONE)
     mixed_precision_param: Literal["auto", "float32", "bfloat16"] = opt(
         "auto", "Parameter/compute dtype: auto is bfloat16 on GPU and float32 on CPU."
     )
     mixed_precision_reduce: Literal["float32", "bfloat16"] = opt(
         "float32", "Dtype of the gradient reduction across data-parallel ranks."
     )
-    seed: int = opt(0, "Seed for weight init and data order; the same seed gives the same run.")
+    seed: int = opt(
+        0,
+        "Seed for weight init and data order; the same seed gives the same run.",
+        Bounds(0, INT64_MAX),
+    )
     deterministic: bool = opt(False, "Use deterministic algorithms (slower, bit-reproducible).")
+    skip_nonfinite_steps: bool = opt(
+        False,
+        "On a NaN/inf loss or gradient norm, skip that step's update with a warning; "
+        "off: stop the run before the update (exit 3).",
+    )
 
 
 @dataclass
@@ -106,7 +160,9 @@ class Parallelism:
         "1F1B",
         "Pipeline schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV.",
     )
-    pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline microbatch.")
+    pipeline_parallel_microbatch_size: int = opt(
+        1, "Sequences per pipeline microbatch.", AT_LEAST_ONE
+    )
     pipeline_parallel_layers_per_stage: int | None = opt(None, "Transformer blocks per stage.")
     context_parallel_degree: int = opt(
         1, "Context-parallel degree: each sequence split across ranks."
@@ -123,8 +179,12 @@ class Parallelism:
 class Checkpoint:
     enable: bool = opt(False, "Save DCP checkpoints, and resume from the newest complete one.")
     folder: str = opt("checkpoint", "Checkpoint folder inside job.dump_folder.")
-    interval: int = opt(500, "Steps between checkpoints (the last step is always saved).")
-    keep_latest_k: int = opt(10, "Complete checkpoints to keep (older ones deleted); 0 keeps all.")
+    interval: int = opt(
+        500, "Steps between checkpoints (the last step is always saved).", AT_LEAST_ONE
+    )
+    keep_latest_k: int = opt(
+        10, "Complete checkpoints to keep (older ones deleted); 0 keeps all.", NON_NEGATIVE
+    )
     load_step: int = opt(-1, "Resume from this step's checkpoint; -1: the newest complete one.")
     create_seed_checkpoint: bool = opt(
         False, "One process: write the initial weights as step-0 and exit; later runs start there."
@@ -179,15 +239,19 @@ class Compile:
 
 @dataclass
 class Metrics:
-    log_freq: int = opt(10, "Log every N steps (and the first and last step).")
+    log_freq: int = opt(10, "Log every N steps (and the first and last step).", AT_LEAST_ONE)
     enable_tensorboard: bool = opt(True, "Write TensorBoard events to <dump_folder>/tb/.")
     enable_wandb: bool = opt(False, "Log to Weights & Biases (needs wandb installed).")
 
 
 @dataclass
 class Comm:
-    init_timeout_seconds: int = opt(300, "Timeout for process-group creation and first steps.")
-    train_timeout_seconds: int = opt(300, "Timeout of each collective after the first step.")
+    init_timeout_seconds: int = opt(
+        300, "Timeout for process-group creation and first steps.", AT_LEAST_ONE
+    )
+    train_timeout_seconds: int = opt(
+        300, "Timeout of each collective after the first step.", AT_LEAST_ONE
+    )
 
 
 @dataclass

@@ -7,6 +7,7 @@ is reported with the key's name before any work starts.
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 import tomllib
 import types
@@ -15,7 +16,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from titan_core.config.job_config import JobConfig, sections
+from titan_core.config.job_config import INT64_MAX, Bounds, JobConfig, sections
 from titan_core.errors import UserError
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -114,9 +115,28 @@ def convert(value: Any, tp: Any, where: str, from_cli: bool = False) -> Any:
     raise TypeError(f"config type {tp} of {where} is not supported")
 
 
+def check_number(value: Any, bounds: Bounds | None, where: str) -> None:
+    """Refuse NaN, infinities, integers beyond 64 bits and numbers outside the field's bounds."""
+    if isinstance(value, list):
+        for item in value:
+            check_number(item, bounds, where)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: {value} is not a finite number; give a finite value")
+    if isinstance(value, int) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise UserError(f"{where}: {value} does not fit in a 64-bit integer")
+    if bounds is not None and not bounds.admits(value):
+        raise UserError(f"{where}: must be {bounds.describe()}, got {value}")
+
+
 def _set(config: JobConfig, section: str, key: str, raw: Any, where: str, from_cli: bool) -> None:
-    _, tp = _lookup(section, key, where)
-    setattr(getattr(config, section), key, convert(raw, tp, where, from_cli))
+    cls, tp = _lookup(section, key, where)
+    value = convert(raw, tp, where, from_cli)
+    bounds = next(f.metadata.get("bounds") for f in fields(cls) if f.name == key)
+    check_number(value, bounds, where)
+    setattr(getattr(config, section), key, value)
 
 
 def load_toml(config: JobConfig, path: str) -> None:
@@ -224,6 +244,12 @@ def to_toml(config: Any) -> str:
     return "\n".join(lines)
 
 
+def _kind(f: Any, tp: Any) -> str:
+    """The field's type, and the numbers it accepts where they are bounded."""
+    bounds = f.metadata.get("bounds")
+    return describe_type(tp) + (f", {bounds.describe()}" if bounds else "")
+
+
 def help_text() -> str:
     """Every section and key with its type, default and meaning."""
     out = [
@@ -241,9 +267,7 @@ def help_text() -> str:
         hints = _field_types(cls)
         for f in fields(cls):
             default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-            out.append(
-                f"  --{name}.{f.name}  ({describe_type(hints[f.name])}, default {default!r})"
-            )
+            out.append(f"  --{name}.{f.name}  ({_kind(f, hints[f.name])}, default {default!r})")
             out.append(f"      {f.metadata['help']}")
         out.append("")
     return "\n".join(out)
@@ -258,7 +282,7 @@ def markdown_reference() -> str:
         for f in fields(cls):
             default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
             shown = "unset" if default is None else f"`{_toml_value(default)}`"
-            kind = describe_type(hints[f.name]).replace("|", "\\|")
+            kind = _kind(f, hints[f.name]).replace("|", "\\|")
             out.append(f"| `{f.name}` | {kind} | {shown} | {f.metadata['help']} |")
         out.append("")
     return "\n".join(out)
