@@ -37,9 +37,18 @@ class TrainSpec:
         pipelining_fn: splits the model into pipeline stages, or None.
         state_dict_adapter: converts between Hugging Face and titan state dicts, or None.
         flops_per_token_fn: ``fn(args, num_params, seq_len)`` -> training FLOPs per token.
-        build_loss_fn: optional override of the cross-entropy loss builder.
-        build_optimizer_fn: optional override of the optimizer builder.
-        build_tokenizer_fn: optional override of the tokenizer builder.
+        build_loss_fn: ``fn(job_config)`` -> ``loss_fn(logits (B, S, V), labels (B, S))``, the
+            mean loss of a microbatch; None: next-token cross entropy in fp32.
+        build_optimizer_fn: ``fn(model_parts, optimizer_config)`` -> a ``torch.optim``
+            optimizer over the parts' parameters; None: AdamW/Adam from ``[optimizer]``.
+        build_tokenizer_fn: ``fn(hf_assets_path)`` -> a :class:`titan_core.data.Tokenizer`;
+            None: ``tokenizer.json`` of that folder, or the embedded tokenizer for "".
+        aux_loss_fn: ``fn(model_part)`` -> a scalar added to the microbatch loss before
+            backward (e.g. an MoE load-balancing loss from what the part recorded in its
+            forward), or None for no extra term.
+        post_optimizer_fn: ``fn(model_parts, mesh)`` called after every optimizer step (e.g. the
+            MoE expert-bias update; ``mesh`` is None in one process); it may return a dict of
+            numbers, logged with the step's metrics.
     """
 
     name: str
@@ -49,9 +58,11 @@ class TrainSpec:
     pipelining_fn: Callable[..., Any] | None = None
     state_dict_adapter: Any = None
     flops_per_token_fn: Callable[[Any, int, int], float] | None = None
-    build_loss_fn: Callable[..., Any] | None = None
-    build_optimizer_fn: Callable[..., Any] | None = None
-    build_tokenizer_fn: Callable[..., Any] | None = None
+    build_loss_fn: Callable[[Any], Callable[..., Any]] | None = None
+    build_optimizer_fn: Callable[[list[nn.Module], Any], Any] | None = None
+    build_tokenizer_fn: Callable[[str], Any] | None = None
+    aux_loss_fn: Callable[[nn.Module], Any] | None = None
+    post_optimizer_fn: Callable[[list[nn.Module], Any], Mapping[str, float] | None] | None = None
 
 
 _LOCAL: dict[str, TrainSpec] = {}

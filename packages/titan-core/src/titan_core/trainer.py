@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor.parallel import loss_parallel
 
+from titan_core.aux_loss import attach_to_stages
 from titan_core.checkpoint import (
     LOADABLE_PARTS,
     Checkpointer,
@@ -93,11 +94,12 @@ class Trainer:
         self.mesh = self.build_mesh()
         self.loss_fn = self.build_loss_fn()
         self.model_parts = self.build_model()
-        self.optimizer = build_optimizer(self.model_parts, config.optimizer)
+        self.optimizer = self.build_optimizer()
         self.scheduler = build_lr_scheduler(
             self.optimizer, config.lr_scheduler, config.training.steps
         )
         self.metrics = self.build_metrics()
+        self.step_metrics: dict[str, float] = {}  # what the spec's post-optimizer hook reports
         self.checkpointer = Checkpointer(self)
         self.step = self.checkpointer.resume(self.resume_steps)
 
@@ -137,7 +139,8 @@ class Trainer:
                 folder, self.resume_steps, self.spec, self.model_args, c.model.name, c.model.flavor
             )
         self.check_checkpoint_keys()
-        self.tokenizer: Tokenizer = load_tokenizer(c.model.hf_assets_path)
+        build_tokenizer = self.spec.build_tokenizer_fn or load_tokenizer
+        self.tokenizer: Tokenizer = build_tokenizer(c.model.hf_assets_path)
         vocab = getattr(self.model_args, "vocab_size", None)
         if vocab is not None and self.tokenizer.vocab_size > vocab:
             raise UserError(
@@ -244,7 +247,15 @@ class Trainer:
             p.pipeline_parallel_microbatch_size,
         )
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The spec's optimizer builder if it has one, else AdamW/Adam from ``[optimizer]``."""
+        build = self.spec.build_optimizer_fn or build_optimizer
+        return build(self.model_parts, self.config.optimizer)
+
     def build_loss_fn(self) -> Any:
+        """The spec's loss (or cross entropy), compiled when ``compile.components`` says so."""
+        loss_fn = self.spec.build_loss_fn(self.config) if self.spec.build_loss_fn else None
+        loss_fn = loss_fn or cross_entropy_loss
         c = self.config.compile
         if c.enable and self.runtime.world_size > 1:
             isolate_compile_cache(self.runtime.rank)
@@ -254,9 +265,9 @@ class Trainer:
                 # ("Could not resolve the process group registered under the name ..."); the
                 # loss then runs eagerly on its vocab shards, as DTensor ops.
                 logger.warning("compile.components: the loss is not compiled under loss parallel")
-                return cross_entropy_loss
-            return compile_loss(cross_entropy_loss)
-        return cross_entropy_loss
+                return loss_fn
+            return compile_loss(loss_fn)
+        return loss_fn
 
     def build_model(self) -> list[nn.Module]:
         """Build on meta, count, then initialise, split into pipeline stages and parallelise.
@@ -298,7 +309,7 @@ class Trainer:
 
     def build_pipeline(self, model: nn.Module) -> Any:
         p, t = self.config.parallelism, self.config.training
-        return self.spec.pipelining_fn(
+        pipeline = self.spec.pipelining_fn(
             model,
             pp_mesh=self.mesh.get("pp"),
             schedule_name=p.pipeline_parallel_schedule,
@@ -308,6 +319,14 @@ class Trainer:
             device=self.runtime.device,
             parallelize_part=self._parallelize,
         )
+        if self.spec.aux_loss_fn is not None:
+            loss = pipeline.loss  # the schedule's scaled loss: the same scale for the extra term
+            attach_to_stages(
+                pipeline.model_parts,
+                self.spec.aux_loss_fn,
+                lambda: loss.loss_scale / loss.n_microbatches,
+            )
+        return pipeline
 
     def _materialize(self, model: nn.Module, device: torch.device) -> None:
         model.to_empty(device=device)
@@ -369,7 +388,11 @@ class Trainer:
             logits = model(inputs)  # (B, S, V)
         with self.loss_context():
             loss = self.loss_fn(logits, labels)
-            (loss * scale).backward()
+            terms = [loss * scale]
+            aux = self.spec.aux_loss_fn(model) if self.spec.aux_loss_fn else None
+            if aux is not None:  # a plain tensor: kept apart from a loss-parallel DTensor
+                terms.append(aux * scale)
+            torch.autograd.backward(terms)
         return as_local(loss.detach())
 
     def train_step(
@@ -397,6 +420,8 @@ class Trainer:
         skip = self.config.training.skip_nonfinite_steps
         if finite_step(self.step, loss.item(), grad_norm, skip):
             self.optimizer.step()
+        if self.spec.post_optimizer_fn is not None:
+            self.step_metrics = dict(self.spec.post_optimizer_fn(self.model_parts, self.mesh) or {})
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item(), grad_norm
@@ -537,6 +562,7 @@ class Trainer:
                 "memory_gib": self.peak_memory_gib(),
                 "tokens_seen": self.step * self.global_batch_size * self.config.training.seq_len,
                 "time": elapsed,
+                **self.step_metrics,
                 **extra,
             }
         )
