@@ -204,16 +204,41 @@ class _PendingSave:
     started: float
 
 
-class Checkpointer:
-    """Saves and restores the trainer's state under ``<dump_folder>/<checkpoint.folder>``.
+@dataclasses.dataclass
+class TrainState:
+    """Everything a checkpoint saves or restores, handed to the :class:`Checkpointer`.
 
     Args:
-        trainer: the Trainer whose model parts, optimizer, scheduler and loader are saved.
+        model_parts: this rank's model (or pipeline stages), possibly parallelised.
+        optimizer: their optimizer; its per-parameter state is saved by parameter name.
+        scheduler: the LR scheduler (``state_dict``, ``load_state_dict``, ``get_last_lr``).
+        loader: the data loader (``state_dict``, ``load_state_dict``).
+        spec: the model family, to rebuild the model on the meta device for checks.
+        model_args: the model's architecture.
+        config: the resolved job config, saved with every checkpoint.
+        global_batch_size: sequences per optimizer step, for ``tokens_seen``.
     """
 
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
-        cfg = trainer.config
+    model_parts: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    spec: Any
+    model_args: Any
+    config: Any
+    global_batch_size: int
+
+
+class Checkpointer:
+    """Saves and restores a run's state under ``<dump_folder>/<checkpoint.folder>``.
+
+    Args:
+        state: what is saved and restored.
+    """
+
+    def __init__(self, state: TrainState) -> None:
+        self.state = state
+        cfg = state.config
         self.cfg = cfg.checkpoint
         self.folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
         self._pruner: threading.Thread | None = None
@@ -230,17 +255,17 @@ class Checkpointer:
         Names are the same under every layout (a pipeline stage keeps its blocks' names), so
         the state of one layout maps onto another; DCP reshards the DTensors.
         """
-        parts = self.trainer.model_parts
+        parts = self.state.model_parts
         model: dict[str, Any] = {}
         for part in parts:
             model.update(get_model_state_dict(part))
-        return {"model": model, "optimizer": optimizer_state(parts, self.trainer.optimizer)}
+        return {"model": model, "optimizer": optimizer_state(parts, self.state.optimizer)}
 
     def describe(self) -> dict[str, Any]:
         """What the checkpoint is: enough to rebuild the model with no other flag."""
         from titan_core.config import to_toml
 
-        t, c = self.trainer, self.trainer.config
+        t, c = self.state, self.state.config
         args = t.model_args
         flavor = c.model.flavor
         if c.checkpoint.initial_load_in_hf:  # the args are the HF config's: name them truly
@@ -257,7 +282,7 @@ class Checkpointer:
 
     def _loader_rows(self) -> dict[str, Any]:
         """Every row position of the global batch, merged from all data-parallel ranks."""
-        state = self.trainer.loader.state_dict()
+        state = self.state.loader.state_dict()
         if dist.is_initialized():
             states: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(states, state)
@@ -349,7 +374,7 @@ class Checkpointer:
 
     def train_state(self, step: int, model_only: bool, dtype: str) -> dict[str, Any]:
         """Everything but the tensors (``titan.json``), captured when the save starts."""
-        t = self.trainer
+        t = self.state
         return {
             "step": step,
             "model_only": model_only,
@@ -509,7 +534,7 @@ class Checkpointer:
         if self.cfg.initial_load_in_hf:
             from titan_core.hf_load import load_hf_weights
 
-            load_hf_weights(self.trainer, source)
+            load_hf_weights(self.state, source)
             logger.info("loaded the Hugging Face weights of %s", source)
             return 0
         path = initial_step_folder(source)
@@ -535,24 +560,24 @@ class Checkpointer:
             with single_process_dcp():  # in place, into parameters and moments
                 load_checkpoint(state, path)
         if "model" in state:
-            for part in self.trainer.model_parts:
+            for part in self.state.model_parts:
                 set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
         if "lr_scheduler" not in exclude:
-            scheduler = self.trainer.scheduler
+            scheduler = self.state.scheduler
             scheduler.load_state_dict(meta["lr_scheduler"])
             # The scheduler's state does not touch the optimizer: set the lr of the next step.
             for group, lr in zip(
-                self.trainer.optimizer.param_groups, scheduler.get_last_lr(), strict=True
+                self.state.optimizer.param_groups, scheduler.get_last_lr(), strict=True
             ):
                 group["lr"] = lr
         if "dataloader" not in exclude:
-            self.trainer.loader.load_state_dict(meta["loader"])
+            self.state.loader.load_state_dict(meta["loader"])
         if "rng" not in exclude:
             torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
 
     def check_same_model(self, path: Path) -> None:
         """Refuse a checkpoint of another model or flavor, listing the differing tensors."""
-        c = self.trainer.config
+        c = self.state.config
         check_checkpoint_model(
-            self.trainer.spec, self.trainer.model_args, path, c.model.name, c.model.flavor
+            self.state.spec, self.state.model_args, path, c.model.name, c.model.flavor
         )

@@ -26,6 +26,7 @@ from titan_core.aux_loss import attach_to_stages
 from titan_core.checkpoint import (
     LOADABLE_PARTS,
     Checkpointer,
+    TrainState,
     check_initial_source,
     resume_candidates,
     step_dir,
@@ -100,7 +101,18 @@ class Trainer:
         )
         self.metrics = self.build_metrics()
         self.step_metrics: dict[str, float] = {}  # what the spec's post-optimizer hook reports
-        self.checkpointer = Checkpointer(self)
+        self.checkpointer = Checkpointer(
+            TrainState(
+                model_parts=self.model_parts,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                loader=self.loader,
+                spec=self.spec,
+                model_args=self.model_args,
+                config=config,
+                global_batch_size=self.global_batch_size,
+            )
+        )
         self.step = self.checkpointer.resume(self.resume_steps)
 
     # ---- build steps -------------------------------------------------------------------
