@@ -1,8 +1,9 @@
-"""Model building blocks shared by every family: norms, RoPE variants, attention, SwiGLU, and
-the pre-norm decoder they compose into."""
+"""Model building blocks shared by every family: norms, RoPE variants, attention, SwiGLU, the
+mixture of experts (``titan_core.models.moe``), and the pre-norm decoder they compose into."""
 
 from titan_core.models.attention import Attention, QKNormAttention, ScaledDotProductAttention
 from titan_core.models.feed_forward import FeedForward, swiglu_hidden_dim
+from titan_core.models.moe import MoE, MoEArgs
 from titan_core.models.norms import RMSNorm
 from titan_core.models.rope import Llama3RoPE, Llama3RopeScaling, RoPE, apply_rope
 from titan_core.models.transformer import DecoderArgs, Transformer, TransformerBlock
@@ -13,6 +14,8 @@ __all__ = [
     "FeedForward",
     "Llama3RoPE",
     "Llama3RopeScaling",
+    "MoE",
+    "MoEArgs",
     "QKNormAttention",
     "RMSNorm",
     "RoPE",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +23,12 @@ class FeedForward(nn.Module):
     Args:
         dim: model width.
         hidden_dim: inner width.
+
+    Attributes:
+        block_attr: the name a :class:`~titan_core.models.TransformerBlock` registers it under.
     """
+
+    block_attr: ClassVar[str] = "feed_forward"
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()

@@ -1,9 +1,10 @@
 """The pre-norm decoder every dense family shares: embeddings, blocks, final norm, output.
 
 A family picks its variants by subclassing, not by flags: a block subclass overrides
-:meth:`TransformerBlock.build_attention` (e.g. Qwen3's per-head q/k norms), a model subclass sets
-``block_cls`` or overrides :meth:`Transformer.build_rope` (e.g. Llama 3.1's scaled RoPE). Module
-names are the contract parallel plans, checkpoints and HF adapters key on.
+:meth:`TransformerBlock.build_attention` (e.g. Qwen3's per-head q/k norms) or
+:meth:`TransformerBlock.build_feed_forward` (e.g. a mixture of experts in some layers), a model
+subclass sets ``block_cls`` or overrides :meth:`Transformer.build_rope` (e.g. Llama 3.1's scaled
+RoPE). Module names are the contract parallel plans, checkpoints and HF adapters key on.
 """
 
 from __future__ import annotations
@@ -40,12 +41,22 @@ class DecoderArgs(Protocol):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: ``h = x + attention(attention_norm(x))``, ``h + feed_forward(ffn_norm(h))``."""
+    """Pre-norm block: ``h = x + attention(attention_norm(x))``, ``h + ffn(ffn_norm(h))``.
+
+    The feed-forward module comes from :meth:`build_feed_forward` and is registered under its
+    class's ``block_attr``: ``feed_forward`` for the dense SwiGLU, ``moe`` for a mixture of
+    experts, so a layer's parameter names say which it is (``layers.3.moe.experts.w1``).
+
+    Attributes:
+        ffn_name: the name the feed-forward module is registered under.
+    """
 
     def __init__(self, layer_id: int, args: DecoderArgs) -> None:
         super().__init__()
         self.attention = self.build_attention(args)
-        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        ffn = self.build_feed_forward(layer_id, args)
+        self.ffn_name: str = getattr(type(ffn), "block_attr", "feed_forward")
+        self.add_module(self.ffn_name, ffn)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         # NOTE: residual-writing projections start smaller in deeper blocks, so the residual
@@ -56,13 +67,24 @@ class TransformerBlock(nn.Module):
         """The attention module; a family's block subclass returns its variant."""
         return Attention(args.dim, args.n_heads, args.n_kv_heads, args.head_dim)
 
+    def build_feed_forward(self, layer_id: int, args: DecoderArgs) -> nn.Module:
+        """The feed-forward module of layer ``layer_id``: (B, S, dim) -> (B, S, dim), with an
+        ``init_weights(init_std)`` method. A family's block subclass returns its variant (an
+        :class:`~titan_core.models.moe.MoE` in its sparse layers)."""
+        return FeedForward(args.dim, args.hidden_dim)
+
+    @property
+    def ffn(self) -> nn.Module:
+        """The feed-forward module, whatever it is registered as (``feed_forward`` or ``moe``)."""
+        return getattr(self, self.ffn_name)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.ffn(self.ffn_norm(h))
 
     def init_weights(self) -> None:
         self.attention.init_weights(self.init_std)
-        self.feed_forward.init_weights(self.init_std)
+        self.ffn.init_weights(self.init_std)
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
 
