@@ -122,16 +122,18 @@ def hf_to_dcp(
                         "hf-to-dcp")  # fmt: skip
 
     # NOTE: the previous tensor is kept for a tied twin (DCP writes same-size tensors one after
-    # the other), and dropped before the next read, so one tensor is in memory at a time.
+    # the other), and dropped before the next read, so one titan tensor is in memory at a time
+    # (an MoE layer's experts of one weight, stacked as their HF tensors are read).
+    ties = adapter.titan_layout(args)[1]
     last: dict[str, torch.Tensor] = {}
 
     def read(name: str) -> torch.Tensor:
-        hf_name = adapter.hf_name(args, name)
-        if hf_name not in last:
+        source = ties.get(name, name)
+        if source not in last:
             last.clear()
-            last[hf_name] = read_titan_tensor(reader, adapter, args, name).to(dtype).contiguous()
-        progress.update(last[hf_name].nbytes)
-        return last[hf_name]
+            last[source] = read_titan_tensor(reader, adapter, args, source).to(dtype).contiguous()
+        progress.update(last[source].nbytes)
+        return last[source]
 
     state = {"model": {k: torch.empty(s, dtype=dtype, device="meta") for k, s in shapes.items()}}
     with staged(out_dir) as temp:

@@ -1,16 +1,19 @@
 """Hugging Face interop, model-agnostic: state-dict adapters and the drivers that use them.
 
 A model package describes its HF format with a :class:`StateDictAdapter` subclass (key map with
-``{}`` layer templates, tensor transforms, config.json mapping) and sets it as its TrainSpec's
-``state_dict_adapter``. Everything here is generic: titan-convert, ``load_pretrained`` and the
-trainer drive any family's adapter the same way, one tensor at a time. The safetensors files
-themselves are read and written by :mod:`titan_core.safetensors_io`.
+``{}`` layer and ``{expert}`` expert templates, see :mod:`titan_core.hf_keys`; tensor transforms;
+config.json mapping) and sets it as its TrainSpec's ``state_dict_adapter``. Everything here is
+generic: titan-convert, ``load_pretrained`` and the trainer drive any family's adapter the same
+way, one titan tensor at a time (an MoE weight: one layer's experts, stacked from their HF
+tensors as they are read, split into them as it is written). The safetensors files themselves
+are read and written by :mod:`titan_core.safetensors_io`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from titan_core.errors import UserError
+from titan_core.hf_keys import DECODER_KEY_MAP, DECODER_ROPE_ROWS, KeyRule, compile_key_map
 from titan_core.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_FILE,
@@ -53,6 +57,8 @@ __all__ = [
     "spec_for_hf_folder",
     "write_json",
 ]
+
+logger = logging.getLogger("titan")
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -88,32 +94,33 @@ class StateDictAdapter:
 
     A subclass sets the class attributes and implements :meth:`args_from_hf_config` and
     :meth:`hf_config`; it overrides :meth:`from_hf`/:meth:`to_hf` (and :meth:`row_block`) for
-    tensors whose layout differs. Names are mapped through ``key_map``, whose ``{}`` stands for
-    a layer index. A titan parameter tied to an earlier one (the output projection sharing the
-    embedding table) has no HF tensor of its own: it reads its twin's and writes nothing.
+    tensors whose layout differs. Names are mapped through ``key_map`` (see
+    :mod:`titan_core.hf_keys`: ``{}`` stands for a layer index, ``{expert}`` on the HF side for
+    an expert index, the titan tensor then stacking the experts' HF tensors along dimension 0;
+    ``None`` marks titan-only state). A titan parameter tied to an earlier one (the output
+    projection sharing the embedding table) has no HF tensor of its own: it reads its twin's and
+    writes nothing.
 
     Attributes:
         model_types: the config.json ``model_type`` values this family claims.
         architecture: the config.json ``architectures`` entry, e.g. ``LlamaForCausalLM``.
         model_cls: the family's model class; ``model_cls(args)`` is built on the meta device to
             learn parameter names, shapes and ties.
-        key_map: titan name template -> HF name template.
+        key_map: titan name template -> HF name template (or None); default: the decoder map
+            every family shares (:data:`titan_core.hf_keys.DECODER_KEY_MAP`).
         rope_rows: name suffixes of the tensors whose rows (per head of ``args.head_dim``) are
             in RoPE order: HF's rotate-half halves, titan's interleaved pairs (q/k projections,
-            and per-head q/k norm scales); they are reordered both ways.
+            and per-head q/k norm scales); they are reordered both ways. Default: ``wq``, ``wk``.
     """
 
     model_types: tuple[str, ...] = ()
     architecture: str = ""
     model_cls: type[nn.Module]
-    key_map: ClassVar[Mapping[str, str]] = {}
-    rope_rows: ClassVar[tuple[str, ...]] = ()
+    key_map: ClassVar[Mapping[str, str | None]] = DECODER_KEY_MAP
+    rope_rows: ClassVar[tuple[str, ...]] = DECODER_ROPE_ROWS
 
     def __init__(self) -> None:
-        self._patterns = [
-            (re.compile("^" + re.escape(titan).replace(r"\{\}", r"(\d+)") + "$"), hf)
-            for titan, hf in self.key_map.items()
-        ]
+        self._rules = compile_key_map(self.key_map, type(self).__name__)
         self._layouts: dict[str, tuple[dict[str, tuple[int, ...]], dict[str, str]]] = {}
 
     # ---- config.json -----------------------------------------------------------------
@@ -132,7 +139,11 @@ class StateDictAdapter:
             raise UserError(f"{Path(folder) / CONFIG_FILE}: {message}") from None
 
     def hf_config(self, args: Any, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-        """The config.json content for ``args``, with weights stored in ``dtype``."""
+        """The config.json content for ``args``, with weights stored in ``dtype``.
+
+        Raises:
+            UserError: ``args`` use a feature the HF format cannot express (names the field).
+        """
         raise NotImplementedError
 
     def decoder_hf_config(self, args: Any, dtype: torch.dtype) -> dict[str, Any]:
@@ -187,14 +198,35 @@ class StateDictAdapter:
         """Every titan state-dict name (tied ones included) and its shape."""
         return self.titan_layout(args)[0]
 
-    def hf_name(self, args: Any, titan_name: str) -> str:
-        """The HF key the titan tensor ``titan_name`` is read from (a tied one: its twin's)."""
-        titan_name = self.titan_layout(args)[1].get(titan_name, titan_name)
-        for pattern, hf in self._patterns:
-            match = pattern.match(titan_name)
+    def _rule(self, titan_name: str) -> tuple[KeyRule, re.Match[str]]:
+        for rule in self._rules:
+            match = rule.pattern.match(titan_name)
             if match:
-                return hf.replace("{}", match.group(1)) if match.groups() else hf
-        raise KeyError(f"{type(self).__name__} has no HF name for '{titan_name}'")
+                return rule, match
+        raise KeyError(f"{type(self).__name__}.key_map has no entry for '{titan_name}'")
+
+    def _own_hf_names(self, args: Any, titan_name: str) -> list[str]:
+        rule, match = self._rule(titan_name)
+        n_experts = self.titan_shapes(args)[titan_name][0] if rule.stacked else 0
+        return rule.hf_names(match, n_experts)
+
+    def hf_names(self, args: Any, titan_name: str) -> list[str]:
+        """The HF keys the titan tensor ``titan_name`` is read from (a tied one: its twin's):
+        one; one per expert, in expert order, for a stacked entry; none for titan-only state."""
+        return self._own_hf_names(args, self.titan_layout(args)[1].get(titan_name, titan_name))
+
+    def is_stacked(self, titan_name: str) -> bool:
+        """Whether ``titan_name`` stacks one HF tensor per expert along its dimension 0."""
+        return self._rule(titan_name)[0].stacked
+
+    def is_titan_only(self, titan_name: str) -> bool:
+        """Whether ``titan_name`` has no HF tensor (key map entry None): zeros when read from
+        HF, not written to HF."""
+        return self._rule(titan_name)[0].hf is None
+
+    def titan_only(self, args: Any) -> list[str]:
+        """Every titan name with no HF tensor (see :meth:`is_titan_only`)."""
+        return [n for n in self.titan_shapes(args) if self.is_titan_only(n)]
 
     def expected_hf(self, args: Any) -> dict[str, tuple[int, ...]]:
         """Every HF key an HF folder of ``args`` holds, and its shape."""
@@ -207,22 +239,19 @@ class StateDictAdapter:
     def redundant_hf(self, args: Any) -> set[str]:
         """HF names of tied tensors that a folder may store anyway (Qwen3-0.6B's
         ``lm_head.weight``): accepted when present, never read, never written."""
-        names = set()
-        for tied in self.titan_layout(args)[1]:
-            for pattern, hf in self._patterns:
-                match = pattern.match(tied)
-                if match:
-                    names.add(hf.replace("{}", match.group(1)) if match.groups() else hf)
-        return names
+        return {hf for tied in self.titan_layout(args)[1] for hf in self._own_hf_names(args, tied)}
 
     # ---- tensors ---------------------------------------------------------------------
 
     def row_block(self, args: Any, titan_name: str) -> int:
-        """Rows come in blocks of this many: :meth:`from_hf` is valid on whole blocks only."""
+        """Rows come in blocks of this many: :meth:`from_hf` is valid on whole blocks only.
+        (A stacked tensor's rows are experts: any range of them converts on its own.)"""
         return args.head_dim if titan_name.endswith(self.rope_rows) else 1
 
     def from_hf(self, args: Any, titan_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """The HF tensor of ``titan_name`` (or whole row blocks of it) in titan's layout."""
+        """The HF tensor of ``titan_name`` (or whole row blocks of it) in titan's layout. For a
+        stacked entry ``tensor`` is the experts' HF tensors (a range of them) stacked on a new
+        dimension 0."""
         if titan_name.endswith(self.rope_rows):
             return rope_rows_from_hf(tensor, args.head_dim)
         return tensor
@@ -230,20 +259,42 @@ class StateDictAdapter:
     def to_hf(
         self, args: Any, titan_name: str, tensor: torch.Tensor
     ) -> list[tuple[str, torch.Tensor]]:
-        """The HF (name, tensor) pairs of one titan tensor; none for a tied one."""
+        """The HF (name, tensor) pairs of one titan tensor: one; one per expert (views of its
+        slices) for a stacked entry; none for a tied or titan-only one."""
         if titan_name in self.titan_layout(args)[1]:
             return []
         if titan_name.endswith(self.rope_rows):
             tensor = rope_rows_to_hf(tensor, args.head_dim)
-        return [(self.hf_name(args, titan_name), tensor)]
+        names = self.hf_names(args, titan_name)
+        if self.is_stacked(titan_name):
+            return list(zip(names, tensor.unbind(0), strict=True))
+        return [(name, tensor) for name in names]
+
+
+NOT_ARCHITECTURE = ("max_seq_len", "aux_loss_coef", "load_balance_coeff", "use_grouped_mm")
+"""Fields of model args (and of args nested in them, e.g. ``MoEArgs``) that set how a model is
+trained or run, not which weights it has: a folder is a flavor whatever they hold."""
+
+
+def _with_training_fields(flavor: Any, args: Any) -> Any:
+    """``flavor`` with the :data:`NOT_ARCHITECTURE` fields of ``args``, at every nesting level."""
+    if not dataclasses.is_dataclass(flavor) or type(flavor) is not type(args):
+        return flavor
+    changes = {}
+    for field in dataclasses.fields(flavor):
+        mine, theirs = getattr(flavor, field.name), getattr(args, field.name)
+        if field.name in NOT_ARCHITECTURE:
+            changes[field.name] = theirs
+        elif dataclasses.is_dataclass(mine):
+            changes[field.name] = _with_training_fields(mine, theirs)
+    return dataclasses.replace(flavor, **changes)
 
 
 def flavor_name(spec: TrainSpec, args: Any) -> str:
-    """The flavor whose args equal ``args`` (its RoPE table length aside), else ``custom``."""
+    """The flavor whose args equal ``args`` in every architecture field (the RoPE table length
+    and MoE training settings aside, see :data:`NOT_ARCHITECTURE`), else ``custom``."""
     for name, flavor in spec.flavors.items():
-        if hasattr(flavor, "max_seq_len"):
-            flavor = dataclasses.replace(flavor, max_seq_len=args.max_seq_len)
-        if flavor == args:
+        if _with_training_fields(flavor, args) == args:
             return name
     return "custom"
 
@@ -336,9 +387,18 @@ def read_titan_tensor(
     """Titan tensor ``titan_name``, or its ``[rows, cols]``, read from an HF folder.
 
     Only the whole row blocks covering ``rows`` are read (and of them only ``cols``), so a
-    sharded loader (FSDP rows, tensor-parallel rows or columns) reads just its share.
+    sharded loader (FSDP rows, tensor-parallel rows or columns) reads just its share. A stacked
+    tensor's rows are experts: only the experts in ``rows`` are read, one HF tensor at a time
+    into the result, so a reader holds at most one titan tensor (one layer's experts of one
+    weight). Titan-only state (no HF tensor) reads as float32 zeros.
     """
-    hf_name = adapter.hf_name(args, titan_name)
+    if adapter.is_titan_only(titan_name):
+        zeros = torch.zeros(adapter.titan_shapes(args)[titan_name])
+        return zeros[rows or slice(None)] if cols is None else zeros[rows or slice(None), cols]
+    names = adapter.hf_names(args, titan_name)
+    if adapter.is_stacked(titan_name):
+        return adapter.from_hf(args, titan_name, _read_stack(reader, names, rows, cols))
+    (hf_name,) = names
     if rows is None:
         return adapter.from_hf(args, titan_name, reader.read(hf_name, cols=cols))
     block = adapter.row_block(args, titan_name)
@@ -348,6 +408,22 @@ def read_titan_tensor(
     first, last = start // block * block, -(-stop // block) * block
     tensor = reader.read(hf_name, rows=slice(first, last), cols=cols)
     return adapter.from_hf(args, titan_name, tensor)[start - first : stop - first]
+
+
+def _read_stack(
+    reader: HFReader, names: list[str], experts: slice | None, cols: slice | None
+) -> torch.Tensor:
+    """The HF tensors ``names[experts]`` stacked on a new dimension 0, each read on its own
+    into its slot; ``cols`` (the stack's dimension 1) are rows of each HF tensor."""
+    if experts is not None and experts.step not in (None, 1):
+        raise ValueError(f"read_titan_tensor: rows must be contiguous, got {experts}")
+    chosen = names[experts or slice(None)]
+    shape = reader.shapes[names[0]]
+    kept = len(range(shape[0])[cols]) if cols is not None else shape[0]
+    out = torch.empty((len(chosen), kept, *shape[1:]), dtype=reader.dtypes[names[0]])
+    for slot, name in zip(out, chosen, strict=True):
+        slot.copy_(reader.read(name, rows=cols))
+    return out
 
 
 # ---- a titan checkpoint as an HF folder ------------------------------------------------------
@@ -401,6 +477,7 @@ class CheckpointExport:
         }
         self.shapes = self.adapter.titan_shapes(self.args)
         self._check()
+        self.adapter.hf_config(self.args, export_dtype)  # what HF cannot express: refused now
         self.layout = {  # HF name -> (shape, dtype)
             hf_name: (tuple(shape), export_dtype)
             for hf_name, shape in self.adapter.expected_hf(self.args).items()
@@ -433,12 +510,20 @@ class CheckpointExport:
 
         writer = HFWriter(out_dir, self.layout, max_shard_bytes)
         tied = self.adapter.titan_layout(self.args)[1]
+        titan_only = set(self.adapter.titan_only(self.args))
         for name, shape in self.shapes.items():
             if name in tied:
                 continue  # shares its twin's tensor: HF stores it once
             tensor = torch.empty(shape, dtype=self.stored[name].properties.dtype)
             with single_process_dcp():
                 load_checkpoint({"model": {name: tensor}}, self.folder, True, self.reader)
+            if name in titan_only and tensor.any():
+                logger.warning(
+                    "%s: '%s' is not zero, but the Hugging Face format has no tensor for it: "
+                    "the HF folder is written without it (an MoE expert bias: the HF model "
+                    "routes without the bias, so its outputs differ from titan's)",
+                    self.folder, name,
+                )  # fmt: skip
             for hf_name, hf_tensor in self.adapter.to_hf(self.args, name, tensor):
                 writer.write(hf_name, hf_tensor.to(self.dtype))
                 if progress is not None:

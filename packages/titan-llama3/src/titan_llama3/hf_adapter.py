@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -87,26 +87,12 @@ class Llama3StateDictAdapter(StateDictAdapter):
     NOTE: HF's Llama rotates dimension ``j`` of a head with ``j + head_dim/2`` (rotate-half);
     titan's RoPE rotates interleaved pairs ``(2j, 2j+1)``, like Meta's original code. The rows
     of ``wq`` and ``wk`` are reordered within each head so both give the same attention scores.
+    Keys: the shared decoder map (``titan_core.hf_keys.DECODER_KEY_MAP``) as is.
     """
 
     model_types = ("llama",)
     architecture = "LlamaForCausalLM"
     model_cls = Transformer
-    key_map: ClassVar[dict[str, str]] = {
-        "tok_embeddings.weight": "model.embed_tokens.weight",
-        "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
-        "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
-        "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
-        "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
-        "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
-        "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
-        "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
-        "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
-        "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-        "norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight",
-    }
-    rope_rows: ClassVar[tuple[str, ...]] = (".attention.wq.weight", ".attention.wk.weight")
 
     # ---- config.json -----------------------------------------------------------------
 
