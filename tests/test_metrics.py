@@ -269,3 +269,20 @@ def test_tied_and_untied_models_of_one_shape_cost_the_same_flops():
     # and the output matmul is in it: 6 FLOPs per weight of the lm head
     no_head = flops(untied, count(untied) - tied.vocab_size * tied.dim, 2048)
     assert flops(untied, count(untied), 2048) - no_head == 6 * tied.vocab_size * tied.dim
+
+
+def test_moe_flops_count_only_the_active_experts():
+    from titan_core.metrics import decoder_flops_per_token, inactive_expert_params
+    from titan_qwen3 import QWEN3_FLAVORS, Qwen3Transformer
+
+    args = QWEN3_FLAVORS["30B-A3B"]
+    with torch.device("meta"):
+        total = sum(p.numel() for p in Qwen3Transformer(args).parameters())
+    active = total - inactive_expert_params(args)
+    assert 30.0e9 < total < 31.0e9 and 3.2e9 < active < 3.4e9  # Qwen3-30B-A3B: 30.5B, 3.3B
+    dense = QWEN3_FLAVORS["8B"]
+    assert inactive_expert_params(dense) == 0
+    flops = decoder_flops_per_token(args, total, 4096)
+    assert flops == pytest.approx(
+        6 * (active - args.vocab_size * args.dim) + 12 * 48 * 32 * 128 * 4096
+    )

@@ -332,9 +332,25 @@ def decoder_flops_per_token(args: Any, num_params: int, seq_len: int) -> float:
     ``num_params`` and is the output matmul, so nothing is subtracted.
     """
     embedding = 0 if getattr(args, "tie_word_embeddings", False) else args.vocab_size * args.dim
+    active = num_params - inactive_expert_params(args)
     return llama_flops_per_token(
-        num_params, embedding, args.n_layers, args.n_heads, args.head_dim, seq_len
+        active, embedding, args.n_layers, args.n_heads, args.head_dim, seq_len
     )
+
+
+def inactive_expert_params(args: Any) -> int:
+    """Routed-expert weights a token does not use, for MoE args (0 for a dense model).
+
+    Args with ``moe`` (a :class:`titan_core.models.moe.MoEArgs`) and ``is_moe_layer(i)``: every
+    MoE layer holds ``num_experts`` SwiGLUs of ``3 * dim * moe.hidden_dim`` weights and a token
+    runs ``top_k`` of them, so MFU counts only the active ones (the router and shared experts
+    are active for every token).
+    """
+    moe = getattr(args, "moe", None)
+    if moe is None:
+        return 0
+    sparse = sum(1 for i in range(args.n_layers) if args.is_moe_layer(i))
+    return sparse * (moe.num_experts - moe.top_k) * 3 * args.dim * moe.hidden_dim
 
 
 def memory_gib(device: torch.device) -> float:

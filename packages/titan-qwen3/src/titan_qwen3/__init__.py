@@ -1,10 +1,11 @@
-"""Qwen3 dense for titan: model, flavors, parallelize plan, HF adapter.
+"""Qwen3 dense and MoE for titan: model, flavors, parallelize plan, HF adapter.
 
 Installing this package registers the ``qwen3`` model (entry point ``titan.models``).
 """
 
 from titan_core import TrainSpec
 from titan_core.metrics import decoder_flops_per_token
+from titan_core.moe_training import moe_after_optimizer_step, moe_aux_loss
 from titan_core.parallel.pipeline import build_pipeline
 from titan_qwen3.args import QWEN3_FLAVORS, Qwen3Args
 from titan_qwen3.hf_adapter import Qwen3StateDictAdapter
@@ -19,6 +20,9 @@ train_spec = TrainSpec(
     pipelining_fn=build_pipeline,
     state_dict_adapter=Qwen3StateDictAdapter(),
     flops_per_token_fn=decoder_flops_per_token,
+    # Qwen3-MoE flavors: the load-balancing loss and the expert-bias update (no-ops when dense).
+    aux_loss_fn=moe_aux_loss,
+    post_optimizer_fn=moe_after_optimizer_step,
 )
 
 __all__ = [
