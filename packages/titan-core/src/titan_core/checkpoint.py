@@ -24,9 +24,7 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +40,26 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
-from titan_core.checkpoint_safety import (
+from titan_core.checkpoint_files import (
     META_FILE,
-    STEP_DIR,
+    NO_DIST_WARNING,
+    complete_steps,
+    single_process_dcp,
+    step_dir,
+)
+from titan_core.checkpoint_safety import (
     check_checkpoint_folder,
     check_checkpoint_model,
     load_checkpoint,
     refusal_in,
 )
 from titan_core.checkpoint_safety import read_titan_json as _meta
+from titan_core.config import to_toml
 from titan_core.errors import UserError
+from titan_core.hf import flavor_name
+from titan_core.hf_load import load_hf_weights
 
 logger = logging.getLogger("titan")
-
-
-def complete_steps(folder: Path) -> list[int]:
-    """Steps of the checkpoints in ``folder`` that are complete (both metadata files), sorted."""
-    if not folder.is_dir():
-        return []
-    steps = []
-    for path in folder.iterdir():
-        match = STEP_DIR.match(path.name)
-        if match and (path / ".metadata").is_file() and (path / META_FILE).is_file():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
-
-
-def step_dir(folder: Path, step: int) -> Path:
-    return folder / f"step-{step}"
 
 
 LOADABLE_PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "rng")
@@ -143,18 +133,6 @@ def optimizer_state(parts: list[nn.Module], optimizer: torch.optim.Optimizer) ->
         for key, value in values.items():
             state[f"{names[param]}.{key}"] = value
     return state
-
-
-_NO_DIST_WARNING = "torch.distributed is disabled"
-
-
-@contextmanager
-def single_process_dcp() -> Iterator[None]:
-    """DCP warns on every save or load outside a process group (even with ``no_dist=True``);
-    a one-process run or conversion means exactly that."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-        yield
 
 
 def _writer(path: Path) -> dcp.FileSystemWriter:
@@ -263,14 +241,10 @@ class Checkpointer:
 
     def describe(self) -> dict[str, Any]:
         """What the checkpoint is: enough to rebuild the model with no other flag."""
-        from titan_core.config import to_toml
-
         t, c = self.state, self.state.config
         args = t.model_args
         flavor = c.model.flavor
         if c.checkpoint.initial_load_in_hf:  # the args are the HF config's: name them truly
-            from titan_core.hf import flavor_name
-
             flavor = flavor_name(t.spec, args)
         return {
             "model": c.model.name,
@@ -362,7 +336,7 @@ class Checkpointer:
         if not dist.is_initialized():
             # NOTE: not single_process_dcp(): the write thread warns after this call returns,
             # so the filter stays for the process (a one-process trainer: the warning is noise).
-            warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+            warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
         response = dcp.async_save(
             state,
             storage_writer=_writer(partial),
@@ -532,8 +506,6 @@ class Checkpointer:
         """Start from ``checkpoint.initial_load_path`` (weights only unless told otherwise)."""
         source = Path(self.cfg.initial_load_path)
         if self.cfg.initial_load_in_hf:
-            from titan_core.hf_load import load_hf_weights
-
             load_hf_weights(self.state, source)
             logger.info("loaded the Hugging Face weights of %s", source)
             return 0

@@ -45,13 +45,11 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+from titan_core.checkpoint_files import META_FILE, METADATA_FILE, STEP_DIR
 from titan_core.errors import UserError
 
 logger = logging.getLogger("titan")
 
-METADATA_FILE = ".metadata"
-META_FILE = "titan.json"
-STEP_DIR = re.compile(r"^step-(\d+)$")
 PARTIAL_DIR = re.compile(r"^\.step-(\d+)\.partial$")
 
 _DCP = "torch.distributed.checkpoint"

@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from titan_core.checkpoint_files import model_args_of, read_meta, single_process_dcp
+from titan_core.checkpoint_safety import SafeFileSystemReader, load_checkpoint
 from titan_core.errors import UserError
 from titan_core.hf_keys import DECODER_KEY_MAP, DECODER_ROPE_ROWS, KeyRule, compile_key_map
 from titan_core.safetensors_io import (
@@ -455,8 +457,6 @@ class CheckpointExport:
     """
 
     def __init__(self, folder: Path, export_dtype: torch.dtype = torch.float32) -> None:
-        from titan_core.checkpoint_safety import SafeFileSystemReader
-        from titan_core.pretrained import model_args_of, read_meta
 
         self.folder, self.dtype = Path(folder), export_dtype
         self.meta = read_meta(self.folder)
@@ -505,8 +505,6 @@ class CheckpointExport:
     ) -> None:
         """Write config files, tokenizer files and the weights into the existing ``out_dir``,
         one tensor in memory at a time; ``progress(nbytes)`` after each tensor."""
-        from titan_core.checkpoint import single_process_dcp
-        from titan_core.checkpoint_safety import load_checkpoint
 
         writer = HFWriter(out_dir, self.layout, max_shard_bytes)
         tied = self.adapter.titan_layout(self.args)[1]

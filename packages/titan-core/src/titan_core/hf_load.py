@@ -23,6 +23,7 @@ from titan_core.errors import UserError
 from titan_core.hf import (
     HFReader,
     adapter_of,
+    convert_dcp_to_hf,
     read_hf_config,
     read_titan_tensor,
 )
@@ -107,7 +108,6 @@ def save_hf_weights(trainer: Any, step: int) -> Path:
     The weights go through a model-only DCP checkpoint (any layout, PP included), which rank 0
     then converts tensor by tensor.
     """
-    from titan_core.hf import convert_dcp_to_hf
 
     dump = Path(trainer.config.job.dump_folder)
     out = dump / "hf"

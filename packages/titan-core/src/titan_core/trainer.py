@@ -41,6 +41,7 @@ from titan_core.distributed import (
     set_collective_timeout,
 )
 from titan_core.errors import RunStopped, UserError
+from titan_core.hf_load import check_hf_source, hf_model_args, save_hf_weights
 from titan_core.metrics import (
     MetricsLogger,
     check_metrics_sinks,
@@ -188,8 +189,6 @@ class Trainer:
             if not source.exists():
                 raise UserError(f"checkpoint.initial_load_path: {source} does not exist")
             if ck.initial_load_in_hf:
-                from titan_core.hf_load import check_hf_source
-
                 check_hf_source(self, source)
             else:
                 m = self.config.model
@@ -198,8 +197,6 @@ class Trainer:
     def hf_model_args(self) -> Any:
         """With ``initial_load_in_hf``, the model is the one the HF folder's config.json
         describes (any size, not only the named flavors)."""
-        from titan_core.hf_load import hf_model_args
-
         c = self.config
         if not c.checkpoint.initial_load_path:
             raise UserError(
@@ -476,8 +473,6 @@ class Trainer:
         self.checkpointer.close()
         self.metrics.close()
         if self.config.checkpoint.last_save_in_hf:
-            from titan_core.hf_load import save_hf_weights
-
             save_hf_weights(self, self.step)
         elapsed = time.perf_counter() - start
         steps_run = max(t.steps - first_step + 1, 1)

@@ -1,0 +1,104 @@
+"""What a titan checkpoint folder holds, and how its description is read.
+
+The lowest layer of checkpoint code, imported by everything that opens a checkpoint (the
+Checkpointer, the HF export, ``load_pretrained``, titan-convert) and importing none of them:
+
+- ``<folder>/step-N/``: DCP shards, ``.metadata`` (read only through
+  :mod:`titan_core.checkpoint_safety`) and ``titan.json`` (what the checkpoint is);
+- the model args ``titan.json`` stores, rebuilt as the family's args dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import typing
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from titan_core.errors import UserError
+from titan_core.train_spec import TrainSpec
+
+METADATA_FILE = ".metadata"
+META_FILE = "titan.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def complete_steps(folder: Path) -> list[int]:
+    """Steps of the checkpoints in ``folder`` that are complete (both metadata files), sorted."""
+    if not folder.is_dir():
+        return []
+    steps = []
+    for path in folder.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and (path / ".metadata").is_file() and (path / META_FILE).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def step_dir(folder: Path, step: int) -> Path:
+    return folder / f"step-{step}"
+
+
+NO_DIST_WARNING = "torch.distributed is disabled"
+
+
+@contextmanager
+def single_process_dcp() -> Iterator[None]:
+    """DCP warns on every save or load outside a process group (even with ``no_dist=True``);
+    a one-process run or conversion means exactly that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
+        yield
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """A checkpoint's ``titan.json``."""
+    path = folder / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} cannot be read ({e}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise UserError(f"{path} names no model; the checkpoint is damaged")
+    return meta
+
+
+def _dataclass_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    """``cls(**values)``, building nested dataclass fields (e.g. RoPE scaling) from dicts."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(
+            f"{where}: model_args has fields {unknown} that {cls.__name__} lacks; the "
+            "checkpoint is from a newer titan or another model (upgrade the model package)"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        nested = [t for t in typing.get_args(hints[name]) if dataclasses.is_dataclass(t)]
+        if dataclasses.is_dataclass(hints[name]):
+            nested = [hints[name]]
+        if isinstance(value, dict) and nested:
+            value = _dataclass_from_dict(nested[0], value, where)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def model_args_of(spec: TrainSpec, meta: dict[str, Any], where: str) -> Any:
+    """The model args a checkpoint's ``titan.json`` stores (its flavor's, if it stores none)."""
+    saved = meta.get("model_args") or {}
+    flavor = meta.get("flavor")
+    if saved:
+        cls = type(next(iter(spec.flavors.values())))
+        return _dataclass_from_dict(cls, saved, where)
+    if flavor not in spec.flavors:
+        raise UserError(
+            f"{where} is {meta.get('model')} flavor '{flavor}', which the installed package "
+            f"does not have (flavors: {', '.join(spec.flavors)})"
+        )
+    return spec.flavors[flavor]
