@@ -65,9 +65,9 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (not tests): ratios against references measured in the same run.
 
     ``nox -s bench`` runs them all; ``nox -s bench -- NAME`` one of them (train, parallel,
-    checkpoint, convert).
+    checkpoint, convert, moe).
     """
     _install(session)
-    which = session.posargs or ["train", "parallel", "checkpoint", "convert"]
+    which = session.posargs or ["train", "parallel", "checkpoint", "convert", "moe"]
     for name in which:
         session.run("python", f"bench/bench_{name}.py")

@@ -80,7 +80,8 @@ def test_build_tokenizer_fn_provides_the_tokenizer(tmp_path):
 
 
 def test_aux_loss_fn_reaches_the_gradients_not_the_logged_loss(tmp_path, plain):
-    def aux(model):
+    def aux(model, mesh):
+        assert mesh is None
         return 100.0 * model.norm.weight.sum()  # a large, easily seen gradient on the norm
 
     metrics = train(tmp_path, "aux-llama", aux_loss_fn=aux)

@@ -43,9 +43,9 @@ class TrainSpec:
             optimizer over the parts' parameters; None: AdamW/Adam from ``[optimizer]``.
         build_tokenizer_fn: ``fn(hf_assets_path)`` -> a :class:`titan_core.data.Tokenizer`;
             None: ``tokenizer.json`` of that folder, or the embedded tokenizer for "".
-        aux_loss_fn: ``fn(model_part)`` -> a scalar added to the microbatch loss before
+        aux_loss_fn: ``fn(model_part, mesh)`` -> a scalar added to the microbatch loss before
             backward (e.g. an MoE load-balancing loss from what the part recorded in its
-            forward), or None for no extra term.
+            forward), or None for no extra term; ``mesh`` is None in one process.
         post_optimizer_fn: ``fn(model_parts, mesh)`` called after every optimizer step (e.g. the
             MoE expert-bias update; ``mesh`` is None in one process); it may return a dict of
             numbers, logged with the step's metrics.
@@ -61,7 +61,7 @@ class TrainSpec:
     build_loss_fn: Callable[[Any], Callable[..., Any]] | None = None
     build_optimizer_fn: Callable[[list[nn.Module], Any], Any] | None = None
     build_tokenizer_fn: Callable[[str], Any] | None = None
-    aux_loss_fn: Callable[[nn.Module], Any] | None = None
+    aux_loss_fn: Callable[[nn.Module, Any], Any] | None = None
     post_optimizer_fn: Callable[[list[nn.Module], Any], Mapping[str, float] | None] | None = None
 
 

@@ -332,7 +332,7 @@ class Trainer:
             loss = pipeline.loss  # the schedule's scaled loss: the same scale for the extra term
             attach_to_stages(
                 pipeline.model_parts,
-                self.spec.aux_loss_fn,
+                lambda part: self.spec.aux_loss_fn(part, self.mesh),
                 lambda: loss.loss_scale / loss.n_microbatches,
             )
         return pipeline
@@ -398,7 +398,7 @@ class Trainer:
         with self.loss_context():
             loss = self.loss_fn(logits, labels)
             terms = [loss * scale]
-            aux = self.spec.aux_loss_fn(model) if self.spec.aux_loss_fn else None
+            aux = self.spec.aux_loss_fn(model, self.mesh) if self.spec.aux_loss_fn else None
             if aux is not None:  # a plain tensor: kept apart from a loss-parallel DTensor
                 terms.append(aux * scale)
             torch.autograd.backward(terms)

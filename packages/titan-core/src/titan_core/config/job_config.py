@@ -171,7 +171,15 @@ class Parallelism:
         "allgather", "How context-parallel ranks exchange keys and values."
     )
     expert_parallel_degree: int = opt(
-        1, "Expert-parallel degree, MoE models (none yet, so only 1)."
+        1,
+        "Expert-parallel degree (MoE models): routed experts split over this many ranks, "
+        "borrowed from data_parallel_shard x context_parallel x tensor_parallel; divides the "
+        "expert count.",
+    )
+    expert_tensor_parallel_degree: int = opt(
+        1,
+        "Tensor-parallel degree inside each routed expert; only 1 (experts are whole on their "
+        "expert-parallel rank).",
     )
 
 

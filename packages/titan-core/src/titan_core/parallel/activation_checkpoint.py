@@ -10,9 +10,12 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from titan_core.config.job_config import ActivationCheckpoint
 from titan_core.errors import UserError
 
-# Ops whose outputs `op` mode keeps: the matmuls and attention, the expensive ones to recompute.
+# Ops whose outputs `op` mode keeps: the matmuls and attention, the expensive ones to recompute,
+# and expert parallel's token all-to-alls (recomputing them would communicate again).
 _SAVE_OPS = {
     torch.ops.aten.mm.default,
+    torch.ops.aten._grouped_mm.default,
+    torch.ops._c10d_functional.all_to_all_single.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,

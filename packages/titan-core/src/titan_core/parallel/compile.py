@@ -26,7 +26,17 @@ def compile_blocks(model: nn.Module, clone_inputs: bool = False) -> None:
             compiled graph fails on ("'Tensor' object has no attribute '_local_tensor'").
     """
     for block in model.layers.values():
-        compiled = torch.compile(block.forward, fullgraph=True)
+        moe = getattr(block, "moe", None)
+        if moe is not None:
+            # NOTE: an MoE block is compiled with graph breaks allowed, and its routed experts
+            # run eagerly: the tokens per expert are data-dependent (so are the loop experts'
+            # and expert parallel's split sizes, read on the host), the experts may be an FSDP
+            # group of their own (whose hooks dynamo does not trace), and under expert parallel
+            # their weights are DTensors whose local shards dynamo did not unwrap ("mixed
+            # torch.Tensor and DTensor"). Attention, norms, router, shared experts and the
+            # routing arithmetic are compiled.
+            moe.experts.forward = torch.compiler.disable(moe.experts.forward)
+        compiled = torch.compile(block.forward, fullgraph=moe is None)
         if clone_inputs:
 
             def forward(x, *args, _compiled=compiled, **kwargs):

@@ -2,12 +2,14 @@
 ``parallelize.py`` calls :func:`parallelize_decoder` with its tensor-parallel plan. The order is
 fixed here and nowhere else:
 
-    (pipeline split first, by titan-core) -> TP -> CP -> activation checkpointing -> compile
-    -> FSDP/HSDP
+    (pipeline split first, by titan-core) -> TP -> EP -> CP -> activation checkpointing
+    -> compile -> FSDP/HSDP
 
-TP must see the plain modules (it swaps their parameters for DTensors), CP swaps the attention
-kernel and RoPE, AC wraps whole blocks, compile traces the wrapped blocks, and FSDP goes last so
-it shards the final parameters and groups each (wrapped, compiled) block.
+TP must see the plain modules (it swaps their parameters for DTensors), EP shards the routed
+experts of MoE blocks and wraps them with their token all-to-alls, CP swaps the attention kernel
+and RoPE, AC wraps whole blocks, compile traces the wrapped blocks, and FSDP goes last so it
+shards the final parameters and groups each (wrapped, compiled) block, the expert-parallel
+experts in groups of their own.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from titan_core.config import JobConfig
 from titan_core.parallel.activation_checkpoint import apply_activation_checkpointing
 from titan_core.parallel.compile import compile_blocks, enable_async_tp
 from titan_core.parallel.dims import ParallelDims, ParallelMesh
-from titan_core.parallel.fsdp import apply_fsdp
+from titan_core.parallel.expert_parallel import apply_expert_parallel
+from titan_core.parallel.fsdp import ExpertsSharding, apply_fsdp
 from titan_core.precision import param_and_reduce_dtypes
 
 Plan = dict[str, ParallelStyle]
@@ -91,6 +94,51 @@ def qk_norm_tp_plan() -> Plan:
     return {"attention.q_norm": heads, "attention.k_norm": heads}
 
 
+def moe_tp_plan() -> Plan:
+    """Block plan entries for an MoE layer (``moe``), beside the dense ``feed_forward`` ones.
+
+    NOTE: the MoE works on this TP rank's slice of the sequence, the one sequence parallel
+    leaves it between blocks (its input is not gathered, unlike a dense feed-forward's): every
+    rank routes different tokens, so no routing is computed twice, and expert parallel (which
+    spans the tp ranks, expert_tensor_parallel_degree = 1) exchanges each rank's tokens with
+    the ranks holding their experts. The MoE flattens its input to (tokens, dim), so the
+    sequence shard is dim 0 inside it:
+
+    - ``router.gate``: a replicated weight over token-sharded activations (as the q/k norms):
+      each rank's gradient covers its tokens only and is summed over the TP group;
+    - ``shared_experts``: a dense SwiGLU, column-wise ``w1``/``w3`` and row-wise ``w2``, its
+      input gathered over the tp ranks and its output reduce-scattered back to each rank's
+      tokens;
+    - ``experts``: left to expert parallel (``ep`` includes ``tp``).
+    """
+    return {
+        "moe": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_output=True
+        ),
+        "moe.router.gate": SequenceParallel(sequence_dim=0, use_local_output=True),
+        "moe.shared_experts": PrepareModuleInput(
+            input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),)
+        ),
+        "moe.shared_experts.w1": ColwiseParallel(),
+        "moe.shared_experts.w2": RowwiseParallel(output_layouts=Shard(0)),
+        "moe.shared_experts.w3": ColwiseParallel(),
+    }
+
+
+def _present(module: nn.Module, plan: Plan) -> Plan:
+    """The entries of ``plan`` naming a submodule ``module`` has: a dense block has no ``moe``,
+    an MoE block no ``feed_forward``, an MoE without shared experts no ``moe.shared_experts``."""
+    kept = {}
+    for fqn, style in plan.items():
+        try:
+            found = module.get_submodule(fqn)
+        except AttributeError:
+            continue
+        if found is not None:
+            kept[fqn] = style
+    return kept
+
+
 def apply_tp(
     model: nn.Module,
     mesh: ParallelMesh,
@@ -102,7 +150,8 @@ def apply_tp(
     Args:
         model: the decoder (or a pipeline stage of it).
         mesh: the world mesh; its ``tp`` dimension is used.
-        plan: (top-level plan, per-block plan), e.g. from :func:`dense_tp_plan`.
+        plan: (top-level plan, per-block plan), e.g. from :func:`dense_tp_plan`; each block
+            takes the entries naming its modules (dense and MoE blocks share one plan).
         async_tp: let the compiler overlap TP communication with matmuls (CUDA).
     """
     tp_mesh = mesh.get("tp")
@@ -110,7 +159,7 @@ def apply_tp(
     present = {name: style for name, style in top.items() if getattr(model, name) is not None}
     parallelize_module(model, tp_mesh, present)
     for layer in model.layers.values():
-        parallelize_module(layer, tp_mesh, block)
+        parallelize_module(layer, tp_mesh, _present(layer, block))
     if async_tp:
         enable_async_tp(tp_mesh)
 
@@ -135,6 +184,8 @@ def parallelize_decoder(
     if mesh is not None and dims.tp > 1:
         plan = tp_plan(not p.disable_loss_parallel)
         apply_tp(model, mesh, plan, async_tp=p.enable_async_tensor_parallel)
+    if mesh is not None and dims.ep > 1:
+        apply_expert_parallel(model, mesh.get("ep"))
     if mesh is not None and dims.cp > 1:
         from titan_core.parallel.context import apply_context_parallel
 
@@ -146,6 +197,9 @@ def parallelize_decoder(
         compile_blocks(model, clone_inputs=dims.tp > 1)
     if mesh is not None and (dims.fsdp_enabled or dims.dp_replicate > 1):
         param_dtype, reduce_dtype = param_and_reduce_dtypes(config.training, mesh.device_type)
+        experts = None
+        if dims.ep > 1:
+            experts = ExpertsSharding(mesh.experts_fsdp_mesh(dims), dims.expert_grad_divide_factor)
         apply_fsdp(
             model,
             mesh.fsdp_mesh(dims),
@@ -153,5 +207,6 @@ def parallelize_decoder(
             reduce_dtype=reduce_dtype,
             reshard_after_forward=p.fsdp_reshard_after_forward,
             pipelined=dims.pp > 1,
+            experts=experts,
         )
     return model

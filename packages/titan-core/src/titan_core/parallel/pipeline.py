@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan_core.errors import UserError
+from titan_core.models.moe import MoE
 
 _WANTED = (
     "GPipe",
@@ -357,8 +358,9 @@ def build_pipeline(
         device: device the stages run on.
         parallelize_part: applied to each part before it is wrapped (TP, FSDP, ...).
     """
-    from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+    PipelineStage = _stage_class()
 
     name = _canonical(schedule_name)
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
@@ -392,6 +394,31 @@ def build_pipeline(
         has_last_stage=n_stages - 1 in ids,
         loss=loss,
     )
+
+
+@functools.cache
+def _stage_class() -> type:
+    """torch's ``PipelineStage``, whose shape-inference forward leaves MoE token counts alone."""
+    from torch.distributed.pipelining import PipelineStage
+
+    class Stage(PipelineStage):
+        """NOTE: on the first step torch runs each stage's forward once more, on stand-in
+        tensors, to learn the shapes it will send (runtime metadata inference). MoE layers count
+        the tokens each expert receives in training forwards (for the expert-bias update), so
+        that extra forward would count one more microbatch in the first step; it runs with the
+        MoE layers in eval mode, where they count nothing."""
+
+        def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
+            moe = [m for m in self.submod.modules() if isinstance(m, MoE) and m.training]
+            for m in moe:
+                m.train(False)
+            try:
+                return super()._forward_metadata_inference(*args, **kwargs)
+            finally:
+                for m in moe:
+                    m.train(True)
+
+    return Stage
 
 
 def _check_untied(model: nn.Module, n_stages: int) -> None:

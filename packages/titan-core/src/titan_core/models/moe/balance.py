@@ -22,7 +22,9 @@ def moe_layers(model_parts: Iterable[nn.Module]) -> list[MoE]:
     return [m for part in model_parts for m in part.modules() if isinstance(m, MoE)]
 
 
-def load_balancing_loss(moe_modules: Iterable[MoE]) -> torch.Tensor:
+def load_balancing_loss(
+    moe_modules: Iterable[MoE], group: dist.ProcessGroup | None = None, grad_average: int = 1
+) -> torch.Tensor:
     """The Switch-Transformer load-balancing loss over the latest forward of ``moe_modules``,
     as transformers' ``load_balancing_loss_func`` computes it for Qwen3-MoE (its
     ``router_aux_loss_coef`` multiplies it): the layers' tokens are pooled, not averaged,
@@ -33,9 +35,17 @@ def load_balancing_loss(moe_modules: Iterable[MoE]) -> torch.Tensor:
     its softmax probability. Its gradient reaches the routers through P_e. Balanced routing
     gives ``top_k``; layers that have not run are left out; none at all gives 0.
 
+    With ``group``, the tokens of every rank in it are pooled too, as one process pools its
+    whole batch: C and T (no gradient) are summed over the group, and this rank returns its own
+    share of the sum over P, ``grad_average x num_experts x sum_e (C_e / LT) (P_e_local / LT)``.
+    The shares add up to the pooled loss; ``grad_average`` undoes the averaging of gradients
+    over data-parallel ranks (the ranks' terms are summed, not averaged).
+
     Args:
         moe_modules: the MoE layers (e.g. :func:`moe_layers` of a model part); equal expert
             counts.
+        group: the ranks whose tokens are pooled (every rank of a pipeline stage), or None.
+        grad_average: how many ranks the gradients are averaged over (1 for the value).
     """
     stats = [m.aux_stats for m in moe_modules if m.aux_stats is not None]
     if not stats:
@@ -43,10 +53,14 @@ def load_balancing_loss(moe_modules: Iterable[MoE]) -> torch.Tensor:
     sizes = {s.selections.numel() for s in stats}
     if len(sizes) > 1:
         raise ValueError(f"load_balancing_loss: layers have different expert counts {sizes}")
-    tokens = sum(s.n_tokens for s in stats)
-    selections = torch.stack([s.selections for s in stats]).sum(0) / tokens
-    probs = torch.stack([s.prob_sum for s in stats]).sum(0) / tokens
-    return sizes.pop() * torch.sum(selections * probs)
+    selections = torch.stack([s.selections for s in stats]).sum(0)
+    tokens = torch.tensor([float(sum(s.n_tokens for s in stats))], device=selections.device)
+    if group is not None:
+        pooled = torch.cat([selections, tokens])  # (E + 1,) one all-reduce, no gradient
+        dist.all_reduce(pooled, group=group)
+        selections, tokens = pooled[:-1], pooled[-1:]
+    probs = torch.stack([s.prob_sum for s in stats]).sum(0)
+    return grad_average * sizes.pop() * torch.sum(selections * probs) / tokens[0] ** 2
 
 
 @torch.no_grad()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,9 +69,15 @@ def _grouped_swiglu(
     return _ContiguousGrad.apply(out[:rows] if pad else out)
 
 
-# NOTE: torch.compile's fake-tensor rule for _grouped_mm accepts bf16 only; the fp32 (CPU)
-# kernel therefore runs eagerly, a graph break inside a compiled block.
-_grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)
+@functools.cache
+def _grouped_swiglu_eager() -> Callable[..., torch.Tensor]:
+    """:func:`_grouped_swiglu` kept out of torch.compile.
+
+    NOTE: torch.compile's fake-tensor rule for _grouped_mm accepts bf16 only; the fp32 (CPU)
+    kernel therefore runs eagerly, a graph break inside a compiled block. Built on first use:
+    ``torch.compiler.disable`` imports torch._dynamo, which importing a model must not.
+    """
+    return torch.compiler.disable(_grouped_swiglu)
 
 
 def _looped_swiglu(
@@ -126,7 +135,9 @@ class GroupedExperts(nn.Module):
         """
         w1, w2, w3 = _local(self.w1), _local(self.w2), _local(self.w3)
         if self.use_grouped_mm and grouped_mm_supported(routed_input, w1, w2, w3):
-            run = _grouped_swiglu if routed_input.dtype == torch.bfloat16 else _grouped_swiglu_eager
+            run = (
+                _grouped_swiglu if routed_input.dtype == torch.bfloat16 else _grouped_swiglu_eager()
+            )
         else:
             run = _looped_swiglu
         return run(routed_input, w1, w2, w3, num_tokens_per_expert)
