@@ -12,6 +12,7 @@ any layout). Losses and gradient norms must equal the single-process run's to 1e
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -303,3 +304,18 @@ def test_the_aux_loss_reaches_the_gradients_under_pipeline_parallel(tmp_path, mo
     later = [(m["loss"], n["loss"]) for m, n in zip(metrics[2:], noaux[2:], strict=True)]
     assert all(abs(a - b) > 2e-6 * b for a, b in later), later
     assert 1.9 < metrics[0]["aux_loss"] < 8.0
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_an_ep_checkpoint_resumes_in_one_process(tmp_path, moe_references):
+    """The experts are saved as DTensors sharded over (dp_shard_mod_ep, ep); DCP reshards them
+    into one process, which continues the EP 2 x FSDP 2 run as one process would have."""
+    ep, one = tmp_path / "ep", tmp_path / "one"
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "3"]
+    train(ep, [f"{P}expert_parallel_degree", "2", "--training.local_batch_size", "2", *ckpt], 4)
+    shutil.copytree(ep / "checkpoint" / "step-3", one / "checkpoint" / "step-3")
+    resumed = train(one, ["--training.local_batch_size", "8", *ckpt], 1)
+    assert [m["step"] for m in resumed] == [4, 5, 6]
+    want = [m["loss"] for m in moe_references[FLAVOR][3:]]
+    assert [m["loss"] for m in resumed] == pytest.approx(want, rel=1e-5, abs=0)
