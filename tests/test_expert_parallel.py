@@ -308,14 +308,20 @@ def test_the_aux_loss_reaches_the_gradients_under_pipeline_parallel(tmp_path, mo
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_an_ep_checkpoint_resumes_in_one_process(tmp_path, moe_references):
+def test_an_ep_checkpoint_resumes_in_one_process_and_in_its_layout(tmp_path, moe_references):
     """The experts are saved as DTensors sharded over (dp_shard_mod_ep, ep); DCP reshards them
-    into one process, which continues the EP 2 x FSDP 2 run as one process would have."""
-    ep, one = tmp_path / "ep", tmp_path / "one"
+    into one process, which continues the EP 2 x FSDP 2 run as one process would have; resumed
+    in EP 2 x FSDP 2 again it continues bit for bit."""
+    ep, one, again = tmp_path / "ep", tmp_path / "one", tmp_path / "again"
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", "3"]
-    train(ep, [f"{P}expert_parallel_degree", "2", "--training.local_batch_size", "2", *ckpt], 4)
+    layout = [f"{P}expert_parallel_degree", "2", "--training.local_batch_size", "2", *ckpt]
+    full = train(ep, layout, 4)
     shutil.copytree(ep / "checkpoint" / "step-3", one / "checkpoint" / "step-3")
     resumed = train(one, ["--training.local_batch_size", "8", *ckpt], 1)
     assert [m["step"] for m in resumed] == [4, 5, 6]
     want = [m["loss"] for m in moe_references[FLAVOR][3:]]
     assert [m["loss"] for m in resumed] == pytest.approx(want, rel=1e-5, abs=0)
+    # and in the same layout, exactly
+    shutil.copytree(ep / "checkpoint" / "step-3", again / "checkpoint" / "step-3")
+    same = train(again, layout, 4)
+    assert [m["loss"] for m in same] == [m["loss"] for m in full[3:]]
