@@ -22,6 +22,20 @@ FAST = [
 ]  # fmt: skip
 
 
+# torchtitan's Float8 TOML, as its users bring it (the Float8 issue's acceptance config).
+FLOAT8_TOML = """
+[model]
+converters = ["quantize.linear.float8"]
+[quantize.linear.float8]
+enable_fsdp_float8_all_gather = true
+precompute_float8_dynamic_scale_for_fsdp = true
+filter_fqns = ["output"]
+[compile]
+enable = true
+components = ["model", "loss"]
+"""
+
+
 def read_metrics(dump: Path) -> list[dict]:
     lines = (dump / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]

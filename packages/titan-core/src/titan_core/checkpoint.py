@@ -44,6 +44,7 @@ from titan_core.checkpoint_files import (
     META_FILE,
     NO_DIST_WARNING,
     complete_steps,
+    plain_tensor,
     single_process_dcp,
     step_dir,
 )
@@ -237,7 +238,11 @@ class Checkpointer:
         model: dict[str, Any] = {}
         for part in parts:
             model.update(get_model_state_dict(part))
-        return {"model": model, "optimizer": optimizer_state(parts, self.state.optimizer)}
+        optimizer = optimizer_state(parts, self.state.optimizer)
+        return {
+            "model": {name: plain_tensor(t) for name, t in model.items()},
+            "optimizer": {name: plain_tensor(t) for name, t in optimizer.items()},
+        }
 
     def describe(self) -> dict[str, Any]:
         """What the checkpoint is: enough to rebuild the model with no other flag."""

@@ -102,3 +102,42 @@ def model_args_of(spec: TrainSpec, meta: dict[str, Any], where: str) -> Any:
             f"does not have (flavors: {', '.join(spec.flavors)})"
         )
     return spec.flavors[flavor]
+
+
+def plain_tensor(value: Any) -> Any:
+    """The high-precision tensor under a converter's weight wrapper, sharing its storage.
+
+    torchao's training tensors (Float8 all-gather weights, MX/float8 grouped-mm weights) wrap
+    the real weight; saved as they are, DCP would pickle the wrapper class into the checkpoint.
+    Saving (and loading in place into) the wrapped tensor keeps checkpoints the same with or
+    without a converter. A DTensor keeps its mesh and placements around the unwrapped shard.
+    """
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        local = value._local_tensor
+        inner = _unwrap(local)
+        if inner is local:
+            return value
+        return DTensor.from_local(
+            inner, value.device_mesh, value.placements, shape=value.shape, stride=value.stride()
+        )
+    return _unwrap(value) if isinstance(value, torch.Tensor) else value
+
+
+def _unwrap(tensor: Any) -> Any:
+    """Follow single-tensor subclass wrappers (``__tensor_flatten__``) of the same shape."""
+    import torch
+
+    while type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(
+        tensor, "__tensor_flatten__"
+    ):
+        names, _ = tensor.__tensor_flatten__()
+        if len(names) != 1:
+            break
+        inner = getattr(tensor, names[0])
+        if inner.shape != tensor.shape:
+            break
+        tensor = inner
+    return tensor

@@ -51,11 +51,6 @@ def validate_training(config: JobConfig, dims: ParallelDims) -> int:
             f"compile.components: unknown {sorted(unknown)}; use model and/or loss "
             "(e.g. --compile.components model,loss)"
         )
-    if config.model.converters:
-        raise UserError(
-            f"model.converters={config.model.converters}: no converter is available yet; "
-            "leave it empty"
-        )
     per_step = t.local_batch_size * dims.dp
     global_batch = per_step if t.global_batch_size == -1 else t.global_batch_size
     if global_batch < 1 or global_batch % per_step:

@@ -65,6 +65,7 @@ from titan_core.parallel import (
 from titan_core.parallel.grad_norm import clip_grad_norm_
 from titan_core.precision import param_and_reduce_dtypes
 from titan_core.preflight import resolve_model_args, validate_training
+from titan_core.quantize import apply_converters, build_converters, warn_unused_sections
 from titan_core.run_folder import check_dump_folder, prepare_dump_folder
 from titan_core.stopping import StopSignals, finite_step, stopped_by_signal
 from titan_core.train_spec import get_train_spec
@@ -133,6 +134,9 @@ class Trainer:
         check_optimizer(c.optimizer)
         validate_lr_scheduler(c.lr_scheduler, c.training.steps)
         check_metrics_sinks(c.metrics, self.runtime.is_main)
+        self.converters = build_converters(c, self.runtime.device)
+        if self.runtime.is_main:
+            warn_unused_sections(c)
         if self.dims.pp > 1:
             self.check_pipeline()
         self.resume_steps: list[int] = []
@@ -286,6 +290,7 @@ class Trainer:
         with torch.device("meta"):
             model = self.spec.model_cls(self.model_args)
         self.num_params = sum(p.numel() for p in model.parameters())
+        apply_converters(model, self.converters)  # e.g. Float8: before any parallelism
         fpt = self.spec.flops_per_token_fn
         seq_len = self.config.training.seq_len
         self.flops_per_token = fpt(self.model_args, self.num_params, seq_len) if fpt else 0.0
@@ -429,6 +434,8 @@ class Trainer:
         skip = self.config.training.skip_nonfinite_steps
         if finite_step(self.step, loss.item(), grad_norm, skip):
             self.optimizer.step()
+        for converter in self.converters:
+            converter.after_optimizer_step(self.model_parts)
         if self.spec.post_optimizer_fn is not None:
             self.step_metrics = dict(self.spec.post_optimizer_fn(self.model_parts, self.mesh) or {})
         self.scheduler.step()

@@ -9,7 +9,7 @@ default run: llama3 ``debugmodel`` on the embedded corpus, about a minute on a 2
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
 INT64_MAX = 2**63 - 1
@@ -75,7 +75,10 @@ class Model:
         "", "Folder with tokenizer.json (and tokenizer_config.json); empty: the embedded tokenizer."
     )
     converters: list[str] = opt(
-        [], "Model converters applied before parallelism (none available yet)."
+        [],
+        "Passes applied to the model before parallelism, in order: quantize.linear.float8 "
+        "(alias float8), quantize.linear.mx (alias mx), quantize.grouped_mm.float8, "
+        "quantize.grouped_mm.mx, or one a plugin registers (titan.converters).",
     )
 
 
@@ -246,6 +249,88 @@ class Compile:
 
 
 @dataclass
+class Float8Linear:
+    recipe_name: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = opt(
+        "tensorwise",
+        "torchao Float8 recipe: tensorwise (one scale per tensor), rowwise (one per row), "
+        "rowwise_with_gw_hp (rowwise, weight gradient in high precision).",
+    )
+    enable_fsdp_float8_all_gather: bool = opt(
+        False, "FSDP gathers the weights in float8 (tensorwise only; half the bf16 traffic)."
+    )
+    precompute_float8_dynamic_scale_for_fsdp: bool = opt(
+        False,
+        "After each optimizer step, compute every weight's float8 scale in one all-reduce "
+        "(needs enable_fsdp_float8_all_gather).",
+    )
+    filter_fqns: list[str] = opt(
+        [],
+        "Linear layers left in high precision: a layer is skipped when its name contains one "
+        "of these; auto_filter_small_kn also skips layers too small to gain from float8.",
+    )
+    emulate: bool = opt(
+        False, "Emulate the float8 matmuls in high precision (any device; CPU tests)."
+    )
+
+
+@dataclass
+class MXLinear:
+    recipe_name: Literal[
+        "mxfp8_rceil", "mxfp8_rceil_wgrad_with_hp", "mxfp8_emulated_rceil", "mxfp8_cublas_rceil"
+    ] = opt(
+        "mxfp8_rceil",
+        "torchao MX recipe: mxfp8_rceil (CUDA >= 10.0 kernels), mxfp8_rceil_wgrad_with_hp, "
+        "mxfp8_emulated_rceil (any device); mxfp8_cublas_rceil is torchtitan's name of mxfp8_rceil.",
+    )
+    filter_fqns: list[str] = opt(
+        ["output"], "Linear layers left in high precision: skipped when the name contains one."
+    )
+
+
+@dataclass
+class Float8GroupedMM:
+    fqns: list[str] = opt(
+        [],
+        "MoE modules whose routed experts run float8 rowwise grouped matmuls (names containing "
+        "one of these, e.g. experts); CUDA >= 8.9 with triton.",
+    )
+
+
+@dataclass
+class MXGroupedMM:
+    recipe_name: Literal[
+        "mxfp8", "mxfp8_rceil", "mxfp8_rceil_wgrad_with_hp", "mxfp8_emulated_rceil"
+    ] = opt(
+        "mxfp8",
+        "torchao MX recipe for the experts' grouped matmuls: mxfp8 (= mxfp8_rceil, CUDA >= 10.0), "
+        "mxfp8_rceil_wgrad_with_hp, mxfp8_emulated_rceil (any device).",
+    )
+    fqns: list[str] = opt(
+        [], "MoE modules whose routed experts run MX grouped matmuls (e.g. experts)."
+    )
+
+
+@dataclass
+class QuantizeLinear:
+    float8: Float8Linear = field(default_factory=Float8Linear)
+    mx: MXLinear = field(default_factory=MXLinear)
+
+
+@dataclass
+class QuantizeGroupedMM:
+    float8: Float8GroupedMM = field(default_factory=Float8GroupedMM)
+    mx: MXGroupedMM = field(default_factory=MXGroupedMM)
+
+
+@dataclass
+class Quantize:
+    """Settings of the quantize.* converters; a section acts only when model.converters names it."""
+
+    linear: QuantizeLinear = field(default_factory=QuantizeLinear)
+    grouped_mm: QuantizeGroupedMM = field(default_factory=QuantizeGroupedMM)
+
+
+@dataclass
 class Metrics:
     log_freq: int = opt(10, "Log every N steps (and the first and last step).", AT_LEAST_ONE)
     enable_tensorboard: bool = opt(True, "Write TensorBoard events to <dump_folder>/tb/.")
@@ -273,10 +358,31 @@ class JobConfig:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
+    quantize: Quantize = field(default_factory=Quantize)
     metrics: Metrics = field(default_factory=Metrics)
     comm: Comm = field(default_factory=Comm)
 
 
-def sections() -> dict[str, type]:
-    """Section name -> section dataclass, in declaration order."""
-    return {f.name: f.default_factory for f in fields(JobConfig)}  # type: ignore[misc]
+def _is_group(cls: type) -> bool:
+    """A dataclass made only of sub-sections (``[quantize]``), not of keys."""
+    return all(is_dataclass(f.default_factory) for f in fields(cls))  # type: ignore[misc]
+
+
+def sections(cls: type = JobConfig, prefix: str = "") -> dict[str, type]:
+    """Section name -> section dataclass, in declaration order; nested sections are dotted
+    (``quantize.linear.float8``), as TOML tables and command-line flags name them."""
+    out: dict[str, type] = {}
+    for f in fields(cls):
+        sub = f.default_factory  # type: ignore[misc]
+        if _is_group(sub):
+            out.update(sections(sub, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = sub
+    return out
+
+
+def section_of(config: Any, name: str) -> Any:
+    """The section object ``config.a.b.c`` named ``a.b.c``."""
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config

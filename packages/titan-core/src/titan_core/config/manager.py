@@ -16,7 +16,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from titan_core.config.job_config import INT64_MAX, Bounds, JobConfig, sections
+from titan_core.config.job_config import INT64_MAX, Bounds, JobConfig, section_of, sections
 from titan_core.errors import UserError
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -136,7 +136,7 @@ def _set(config: JobConfig, section: str, key: str, raw: Any, where: str, from_c
     value = convert(raw, tp, where, from_cli)
     bounds = next(f.metadata.get("bounds") for f in fields(cls) if f.name == key)
     check_number(value, bounds, where)
-    setattr(getattr(config, section), key, value)
+    setattr(section_of(config, section), key, value)
 
 
 def load_toml(config: JobConfig, path: str) -> None:
@@ -150,12 +150,23 @@ def load_toml(config: JobConfig, path: str) -> None:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"job.config_file: {path} is not valid TOML ({e})") from None
-    for section, values in data.items():
+    _apply_tables(config, "", data, str(path))
+
+
+def _apply_tables(config: JobConfig, prefix: str, tables: dict[str, Any], path: str) -> None:
+    """Set the keys of each ``[section]`` table; nested sections (``[quantize.linear.float8]``)
+    arrive as tables inside their parent's table and are walked into."""
+    known = sections()
+    for name, values in tables.items():
+        section = prefix + name
         if not isinstance(values, dict):
             raise UserError(
                 f"{path}: top-level key '{section}' must be a [section] table; "
                 f"write it as [{section}] followed by its keys"
             )
+        if section not in known and any(s.startswith(section + ".") for s in known):
+            _apply_tables(config, section + ".", values, path)
+            continue
         for key, value in values.items():
             _set(config, section, key, value, f"{path}: [{section}] {key}", from_cli=False)
 
@@ -180,7 +191,7 @@ def parse_cli(argv: list[str]) -> list[tuple[str, str, str]]:
                 "run titan-train --help for the list"
             )
         name, eq, value = arg[2:].partition("=")
-        section, _, key = name.partition(".")
+        section, _, key = name.rpartition(".")  # sections may be dotted: quantize.linear.float8
         if key.startswith("no_") and _is_bool_field(section, key[3:]) and not eq:
             out.append((section, key[3:], "false"))
             i += 1
@@ -232,10 +243,10 @@ def to_toml(config: Any) -> str:
     Unset optional keys (None) are left out: TOML has no null and the default is None.
     """
     lines: list[str] = []
-    for sec in fields(config):
-        section = getattr(config, sec.name)
+    for name in sections():
+        section = section_of(config, name)
         assert is_dataclass(section)
-        lines.append(f"[{sec.name}]")
+        lines.append(f"[{name}]")
         for f in fields(section):
             value = getattr(section, f.name)
             if value is not None:

@@ -34,6 +34,7 @@ from titan_core.parallel.dims import ParallelDims, ParallelMesh
 from titan_core.parallel.expert_parallel import apply_expert_parallel
 from titan_core.parallel.fsdp import ExpertsSharding, apply_fsdp
 from titan_core.precision import param_and_reduce_dtypes
+from titan_core.quantize import adapt_tp_plan
 
 Plan = dict[str, ParallelStyle]
 TPPlanFn = Callable[[bool], tuple[Plan, Plan]]
@@ -182,7 +183,11 @@ def parallelize_decoder(
     """
     p = config.parallelism
     if mesh is not None and dims.tp > 1:
-        plan = tp_plan(not p.disable_loss_parallel)
+        top, block = tp_plan(not p.disable_loss_parallel)
+        plan = (
+            adapt_tp_plan(top, model, config, mesh.device_type),
+            adapt_tp_plan(block, model, config, mesh.device_type),
+        )
         apply_tp(model, mesh, plan, async_tp=p.enable_async_tensor_parallel)
     if mesh is not None and dims.ep > 1:
         apply_expert_parallel(model, mesh.get("ep"))
