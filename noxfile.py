@@ -68,6 +68,6 @@ def bench(session: nox.Session) -> None:
     checkpoint, convert, moe).
     """
     _install(session)
-    which = session.posargs or ["train", "parallel", "checkpoint", "convert", "moe"]
+    which = session.posargs or ["train", "parallel", "checkpoint", "convert", "moe", "float8"]
     for name in which:
         session.run("python", f"bench/bench_{name}.py")

@@ -38,3 +38,22 @@ def test_fsdp_nccl_matches_one_gpu_fp32(tmp_path):
     )
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_with_compile_trains_on_one_gpu(tmp_path, recipe):
+    """torchao's real float8 kernels (compute capability >= 8.9), compiled blocks and loss; the
+    CPU twin is test_float8_training.py (emulated)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs compute capability >= 8.9")
+    args = [
+        "--job.dump_folder", str(tmp_path), "--training.steps", "20", "--metrics.log_freq", "1",
+        "--model.converters", "quantize.linear.float8", "--compile.enable",
+        "--quantize.linear.float8.recipe_name", recipe,
+        "--quantize.linear.float8.filter_fqns", "output",
+    ]  # fmt: skip
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"float8 {recipe}: converted" in proc.stderr
+    curve = losses(tmp_path)
+    assert curve[0] - curve[-1] > 0.5
