@@ -41,14 +41,20 @@ def _install(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Unit and single-process training tests (CPU)."""
     _install(session)
-    session.run("python", "-m", "pytest", "-m", "not distributed", *(session.posargs or ["tests"]))
+    session.run(
+        "python", "-m", "pytest", "-m", "not distributed", "--durations=25",
+        *(session.posargs or ["tests"]),
+    )  # fmt: skip
 
 
 @nox.session(python=None if VENV else False)
 def dist(session: nox.Session) -> None:
     """Distributed tests: torchrun with 2-4 gloo processes on CPU, incl. the parity matrix."""
     _install(session)
-    session.run("python", "-m", "pytest", "-m", "distributed", *(session.posargs or ["tests"]))
+    session.run(
+        "python", "-m", "pytest", "-m", "distributed", "--durations=25",
+        *(session.posargs or ["tests"]),
+    )  # fmt: skip
 
 
 @nox.session(python=None if VENV else False)

@@ -107,6 +107,7 @@ def test_the_torchtitan_float8_toml_trains_with_compile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "float8 tensorwise: converted" in proc.stderr
     assert "skipped 1: output (filter_fqns)" in proc.stderr
+    assert "Failed to load" not in proc.stderr and "pytree" not in proc.stderr  # torchao's noise
     got = losses(tmp_path / "run")
     assert len(got) == 3 and all(x == x for x in got)
 
