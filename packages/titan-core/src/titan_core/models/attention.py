@@ -11,15 +11,25 @@ from titan_core.models.rope import apply_rope
 
 
 class ScaledDotProductAttention(nn.Module):
-    """The attention kernel: causal SDPA over (B, H, S, D) queries and (B, H_kv, S, D) keys and
-    values. A separate module so that a parallelism (context parallel) can swap it from outside.
+    """The attention kernel: causal SDPA over (B, H, S, D) queries and keys and (B, H_kv, S, Dv)
+    values (``Dv`` may differ from ``D``). A separate module so that a parallelism (context
+    parallel) can swap it from outside.
+
+    Args:
+        scale: the softmax scale; None: ``1 / sqrt(D)``.
     """
+
+    def __init__(self, scale: float | None = None) -> None:
+        super().__init__()
+        self.scale = scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # NOTE: enable_gqa lets the kernel share each kv head across its query heads instead of
         # materialising repeated copies (same result, ~15% faster attention on CPU).
         gqa = q.shape[1] != k.shape[1]
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=gqa, scale=self.scale
+        )
 
 
 class Attention(nn.Module):

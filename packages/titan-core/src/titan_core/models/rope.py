@@ -44,14 +44,19 @@ class RoPE(nn.Module):
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
         return 1.0 / (self.theta**exponents)
 
+    def table_scale(self) -> float:
+        """A factor on both tables (1 here; YaRN's attention factor scales q.k through them)."""
+        return 1.0
+
     def reset_parameters(self) -> None:
         if self.cos.is_meta:
             return
         positions = torch.arange(self.max_seq_len, dtype=torch.float64)
         angles = torch.outer(positions, self.inv_freq())  # (S, D/2)
+        scale = self.table_scale()
         with torch.no_grad():
-            self.cos.copy_(angles.cos().to(self.cos.dtype))
-            self.sin.copy_(angles.sin().to(self.sin.dtype))
+            self.cos.copy_((angles.cos() * scale).to(self.cos.dtype))
+            self.sin.copy_((angles.sin() * scale).to(self.sin.dtype))
 
     def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (cos, sin) tables for the first ``seq_len`` positions, each (S, D/2)."""
@@ -90,6 +95,76 @@ class Llama3RoPE(RoPE):
         blended = (1 - smooth) * freq / s.factor + smooth * freq
         out = torch.where(wavelen > orig / s.low_freq_factor, freq / s.factor, blended)
         return torch.where(wavelen < orig / s.high_freq_factor, freq, out)
+
+
+@dataclass(kw_only=True, frozen=True)
+class YarnScaling:
+    """YaRN context extension (HF ``rope_type: yarn``), as DeepSeek V3 uses it.
+
+    Args:
+        factor: how many times longer than ``original_max_position_embeddings`` the context is.
+        original_max_position_embeddings: the context the model was pretrained on.
+        beta_fast: rotations per original context above which a frequency is kept as is.
+        beta_slow: rotations below which a frequency is divided by ``factor``.
+        mscale: numerator weight of the tables' attention factor.
+        mscale_all_dim: denominator weight of the tables' attention factor, and the weight of
+            the softmax-scale correction; 0 for none.
+        truncate: round the boundary dimensions of the blend outwards (HF's default).
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True
+
+    def _mscale(self, weight: float) -> float:
+        return 1.0 if self.factor <= 1 else 0.1 * weight * math.log(self.factor) + 1.0
+
+    def attention_factor(self) -> float:
+        """The factor on the cos/sin tables (so on q.k twice over the rotated dimensions)."""
+        if self.mscale and self.mscale_all_dim:
+            return self._mscale(self.mscale) / self._mscale(self.mscale_all_dim)
+        return self._mscale(1.0)
+
+    def softmax_scale_factor(self) -> float:
+        """The factor on the attention's softmax scale (``mscale_all_dim`` squared)."""
+        return self._mscale(self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+
+class YarnRoPE(RoPE):
+    """RoPE whose frequencies blend from kept (high) to divided by ``factor`` (low), over the
+    dimensions that turn between ``beta_slow`` and ``beta_fast`` times in the original context;
+    both tables are scaled by :meth:`YarnScaling.attention_factor`."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: YarnScaling) -> None:
+        self.scaling = scaling
+        super().__init__(head_dim, max_seq_len, theta)
+
+    def _boundary(self, rotations: float) -> float:
+        """The dimension whose wavelength fits ``rotations`` times in the original context."""
+        orig = self.scaling.original_max_position_embeddings
+        return (self.head_dim * math.log(orig / (rotations * 2 * math.pi))) / (
+            2 * math.log(self.theta)
+        )
+
+    def inv_freq(self) -> torch.Tensor:
+        s = self.scaling
+        freq = super().inv_freq()
+        low, high = self._boundary(s.beta_fast), self._boundary(s.beta_slow)
+        if s.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, self.head_dim - 1)
+        high = high + 0.001 if low == high else high  # a zero-width ramp is a step
+        ramp = ((torch.arange(self.head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(
+            0, 1
+        )
+        return freq / s.factor * ramp + freq * (1 - ramp)  # ramp 0: kept, 1: interpolated
+
+    def table_scale(self) -> float:
+        return self.scaling.attention_factor()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -111,9 +111,16 @@ class ContextParallelAttention(nn.Module):
             by log-sum-exp). Autograd keeps every block for backward in both methods.
     """
 
-    def __init__(self, cp_mesh: DeviceMesh, positions: torch.Tensor, rotate_method: str) -> None:
+    def __init__(
+        self,
+        cp_mesh: DeviceMesh,
+        positions: torch.Tensor,
+        rotate_method: str,
+        scale: float | None = None,
+    ) -> None:
         super().__init__()
         _check_rotate_method(rotate_method)
+        self.scale = scale
         if cp_mesh.ndim != 1:
             raise ValueError(f"context parallel needs a 1-D cp mesh, got {cp_mesh.ndim} dims")
         self.rotate_method = rotate_method
@@ -150,20 +157,25 @@ class ContextParallelAttention(nn.Module):
     def _allgather_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_positions: torch.Tensor
     ) -> torch.Tensor:
-        # One collective for both: (2, B, H_kv, S_local, D) -> (2, B, H_kv, S, D), rank-major.
-        kv = funcol.all_gather_single_autograd(torch.stack((k, v)), 3, self.group)
+        # One collective for both: (B, H_kv, S_local, D + Dv) -> (B, H_kv, S, D + Dv), rank-major
+        # (keys and values side by side: their head sizes may differ, as in MLA).
+        kv = funcol.all_gather_single_autograd(torch.cat((k, v), dim=-1), 2, self.group)
+        k, v = kv.split([k.shape[-1], v.shape[-1]], dim=-1)
         query_pos = key_positions[self.cp_rank]
         mask = key_positions.flatten()[None, :] <= query_pos[:, None]  # (S_local, S)
         # NOTE: SDPA with a boolean mask (and enable_gqa) runs the CPU flash kernel, forward and
         # backward; every row keeps its own diagonal key, so no row is fully masked.
         gqa = q.shape[1] != k.shape[1]
-        return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=gqa, scale=self.scale
+        )
 
     def _ring_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_positions: torch.Tensor
     ) -> torch.Tensor:
         query_pos = key_positions[self.cp_rank]
-        kv = torch.stack((k, v))  # (2, B, H_kv, S_local, D): one message per hop
+        key_dim = k.shape[-1]
+        kv = torch.cat((k, v), dim=-1)  # (B, H_kv, S_local, D + Dv): one message per hop
         out = lse = None
         for step in range(self.cp_degree):
             # NOTE: start the next hop before computing on the current block, so the transfer
@@ -171,8 +183,9 @@ class ContextParallelAttention(nn.Module):
             next_kv = self._rotate(kv) if step < self.cp_degree - 1 else None
             # The block we hold at this step started on rank (r - step) mod cp.
             source = (self.cp_rank - step) % self.cp_degree
+            k, v = kv.split([key_dim, kv.shape[-1] - key_dim], dim=-1)
             block_out, block_lse = _block_attention(
-                q, kv[0], kv[1], query_pos, key_positions[source]
+                q, k, v, query_pos, key_positions[source], self.scale
             )
             out, lse = _merge_blocks(out, lse, block_out, block_lse)
             kv = next_kv
@@ -193,18 +206,20 @@ def _block_attention(
     v: torch.Tensor,
     query_pos: torch.Tensor,
     key_pos: torch.Tensor,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q over one key/value block, with the block's log-sum-exp.
 
     Args:
         q: (B, H, Sq, D) queries.
         k: (B, H_kv, Sk, D) keys; H is a multiple of H_kv.
-        v: (B, H_kv, Sk, D) values.
+        v: (B, H_kv, Sk, Dv) values.
         query_pos: (Sq,) global positions of the queries.
         key_pos: (Sk,) global positions of the keys.
+        scale: the softmax scale; None: ``1 / sqrt(D)``.
 
     Returns:
-        out (B, H, Sq, D) normalised within the block, and lse (B, H, Sq, 1) in at least
+        out (B, H, Sq, Dv) normalised within the block, and lse (B, H, Sq, 1) in at least
         float32.
     """
     batch, heads, q_len, head_dim = q.shape
@@ -212,15 +227,16 @@ def _block_attention(
     # GQA without copies: query head h uses kv head h // group, as SDPA's enable_gqa does.
     q = q.view(batch, kv_heads, heads // kv_heads, q_len, head_dim)  # (B, H_kv, G, Sq, D)
     k, v = k.unsqueeze(2), v.unsqueeze(2)  # (B, H_kv, 1, Sk, D), broadcast over G
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))  # (B, H_kv, G, Sq, Sk)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H_kv, G, Sq, Sk)
     visible = key_pos[None, :] <= query_pos[:, None]  # (Sq, Sk)
     # NOTE: the dtype's most negative finite value, not -inf: a row that sees no key of this
     # block then gets a finite lse about that small, and a merge weight of exactly 0, not NaN.
     scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H_kv, G, Sq, 1)
-    out = torch.exp(scores - lse) @ v  # (B, H_kv, G, Sq, D)
+    out = torch.exp(scores - lse) @ v  # (B, H_kv, G, Sq, Dv)
     lse = lse.to(_merge_dtype(lse.dtype))
-    return out.flatten(1, 2), lse.flatten(1, 2)  # (B, H, Sq, D), (B, H, Sq, 1)
+    return out.flatten(1, 2), lse.flatten(1, 2)  # (B, H, Sq, Dv), (B, H, Sq, 1)
 
 
 def _merge_blocks(
@@ -286,6 +302,7 @@ def apply_context_parallel(
     for name in kernels:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, ContextParallelAttention(cp_mesh, positions, rotate_method))
+        scale = parent.get_submodule(child).scale
+        setattr(parent, child, ContextParallelAttention(cp_mesh, positions, rotate_method, scale))
     model.rope = ContextParallelRoPE(model.rope, positions)
     return positions

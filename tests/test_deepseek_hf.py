@@ -1,0 +1,196 @@
+"""DeepSeek V3 against transformers' DeepseekV3ForCausalLM on tiny random configs (fp32, CPU):
+logits with and without q-LoRA, with group-limited routing, first dense layers, default and
+YaRN RoPE; HF -> titan -> HF bit-identical; the configs titan cannot express refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from titan_deepseek import DEEPSEEK_V3_FLAVORS, DeepSeekV3StateDictAdapter, DeepSeekV3Transformer
+
+from titan_convert.cli import main
+from titan_core import load_pretrained
+from titan_core.errors import UserError
+from titan_core.models import MoE, MultiHeadLatentAttention
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 96, 24
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    # mscale != mscale_all_dim: the cos/sin tables are scaled too, not only the softmax
+    "mscale": 0.8,
+    "mscale_all_dim": 1.0,
+}
+CASES = {
+    # no q-LoRA, 4 groups of 2 experts (a token picks from 2 groups), one dense layer
+    "plain-q-groups": dict(q_lora_rank=None, n_group=4, topk_group=2),
+    # q-LoRA, one group, two dense layers, no renormalisation
+    "q-lora-dense2": dict(q_lora_rank=24, first_k_dense_replace=2, norm_topk_prob=False),
+    # YaRN (factor 4 over a 16-token original context), q-LoRA, two groups
+    "yarn": dict(q_lora_rank=20, n_group=2, topk_group=1, rope_parameters=YARN),
+}
+
+
+def deepseek_config(**changes):
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        kv_lora_rank=16,
+        qk_nope_head_dim=12,
+        qk_rope_head_dim=8,
+        v_head_dim=10,  # values narrower than keys: the kernels must handle it
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,
+        rope_interleave=True,
+    )
+    return transformers.DeepseekV3Config(**{**base, **changes})
+
+
+def random_deepseek(config, seed=0):
+    """Random weights: norm scales away from 1, routers of std 1 (peaked routing, no near
+    ties), and a nonzero expert bias (it must steer the selection, not weight the experts)."""
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 1.0)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.5)
+    return model
+
+
+def tokens(seed=1):
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_logits_close(actual, expected):
+    """1e-5 relative; a logit near zero is held to 1e-5 of the largest (float32 sums in another
+    order differ by a few ulps of the values summed)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def hf_deepseek(request, tmp_path_factory):
+    model = random_deepseek(deepseek_config(**CASES[request.param]))
+    folder = tmp_path_factory.mktemp(request.param) / "hf"
+    model.save_pretrained(folder)
+    return request.param, model, folder
+
+
+def test_load_pretrained_gives_transformers_logits(hf_deepseek):
+    name, reference, folder = hf_deepseek
+    config = reference.config
+    model = load_pretrained(folder)
+    assert isinstance(model, DeepSeekV3Transformer)
+    args = model.args
+    assert args.q_lora_rank == (config.q_lora_rank or 0)
+    assert (args.moe.n_group, args.moe.topk_group) == (config.n_group, config.topk_group)
+    assert (args.rope_scaling is not None) == (name == "yarn")
+    for i, layer in model.layers.items():
+        assert isinstance(layer.ffn, MoE) == (int(i) >= config.first_k_dense_replace), i
+        assert isinstance(layer.attention, MultiHeadLatentAttention)
+    if name == "yarn":
+        assert model.layers["0"].attention.sdpa.scale == pytest.approx(
+            reference.model.layers[0].self_attn.scaling, rel=1e-12
+        )
+    with torch.no_grad():
+        assert_logits_close(model(tokens()), reference(tokens()).logits)
+
+
+def test_hf_to_titan_to_hf_round_trip_is_bit_identical(hf_deepseek, tmp_path):
+    _, reference, hf_dir = hf_deepseek
+    assert main(["hf-to-dcp", str(hf_dir), str(tmp_path / "dcp")]) == 0
+    meta = json.loads((tmp_path / "dcp" / "titan.json").read_text())
+    assert (meta["model"], meta["flavor"]) == ("deepseek_v3", "custom")
+    assert main(["dcp-to-hf", str(tmp_path / "dcp"), str(tmp_path / "out")]) == 0
+    original = load_file(hf_dir / "model.safetensors")
+    exported = {}
+    for shard in sorted((tmp_path / "out").glob("*.safetensors")):
+        exported.update(load_file(shard))
+    assert exported.keys() == original.keys()
+    for key, tensor in original.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded) is transformers.DeepseekV3ForCausalLM
+    for key in ("q_lora_rank", "first_k_dense_replace", "n_group", "topk_group", "v_head_dim"):
+        assert getattr(reloaded.config, key) == getattr(reference.config, key), key
+    assert reloaded.config.rope_parameters == reference.config.rope_parameters
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens()).logits, reference(tokens()).logits)
+
+
+def test_verify_passes(hf_deepseek, capsys):
+    _, _, hf_dir = hf_deepseek
+    assert main(["verify", str(hf_dir)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(rope_interleave=False), "rope_interleave"),
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(num_key_value_heads=2), "num_key_value_heads"),
+        (dict(first_k_dense_replace=9), "first_k_dense_replace"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "linear"),
+    ],
+)
+def test_configs_titan_cannot_express_are_refused(change, key):
+    config = deepseek_config().to_dict()
+    config.update(change)
+    with pytest.raises(UserError, match=key):
+        DeepSeekV3StateDictAdapter().args_from_hf_config(config)
+
+
+def test_softmax_routing_cannot_be_written_as_deepseek_v3():
+    args = DEEPSEEK_V3_FLAVORS["debugmodel"]  # torchtitan's debug shapes route with softmax
+    with pytest.raises(UserError, match="moe.score_func is 'softmax'"):
+        DeepSeekV3StateDictAdapter().hf_config(args)
+
+
+def test_the_671b_flavor_is_the_released_config():
+    """The flavor's args equal what the adapter reads from DeepSeek-V3's config.json (its
+    fields as published), training-only settings aside."""
+    released = {
+        "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+        "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+        "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True, "first_k_dense_replace": 3, "q_lora_rank": 1536,
+        "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "vocab_size": 129280, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "max_position_embeddings": 163840, "topk_method": "noaux_tc", "hidden_act": "silu",
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "tie_word_embeddings": False,
+    }  # fmt: skip
+    args = DeepSeekV3StateDictAdapter().args_from_hf_config(released)
+    assert args == DEEPSEEK_V3_FLAVORS["671B"]
