@@ -19,13 +19,13 @@ from titan_convert.output import Progress, check_output, staged
 from titan_core.checkpoint import META_FILE, single_process_dcp
 from titan_core.hf import (
     GENERATION_CONFIG_FILE,
-    HFReader,
     adapter_of,
     flavor_name,
     read_hf_config,
     read_titan_tensor,
     spec_for_hf_folder,
 )
+from titan_core.hf_quant import open_hf_reader
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -113,7 +113,7 @@ def hf_to_dcp(
     adapter = adapter_of(spec)
     config = read_hf_config(hf_dir)
     args = adapter.args_from_hf_folder(hf_dir)
-    reader = HFReader(hf_dir)
+    reader = open_hf_reader(hf_dir)
     reader.validate(adapter.expected_hf(args), adapter.redundant_hf(args))
     check_output(out_dir, hf_dir, overwrite)
 

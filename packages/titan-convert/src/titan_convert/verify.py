@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from titan_core.errors import UserError
-from titan_core.hf import HFReader, read_hf_config, spec_for_hf_folder
+from titan_core.hf import read_hf_config, spec_for_hf_folder
+from titan_core.hf_quant import FP8Reader, open_hf_reader
 
 
 def logit_difference(hf_dir: Path, batch: int = 2, seq_len: int = 32) -> tuple[float, float]:
@@ -28,7 +29,13 @@ def logit_difference(hf_dir: Path, batch: int = 2, seq_len: int = 32) -> tuple[f
 
     config = read_hf_config(hf_dir)  # bad input fails here, before any model is loaded
     spec_for_hf_folder(hf_dir)
-    HFReader(hf_dir)
+    if isinstance(open_hf_reader(hf_dir), FP8Reader):
+        # NOTE: transformers reads FP8 through its own quantizer (needs accelerate; on a CPU it
+        # falls back to dequantizing in its own dtype), so its logits are no fp32 reference.
+        raise UserError(
+            f"verify: {hf_dir} holds FP8 weights, which transformers cannot load as a float32 "
+            "reference; verify a bf16 copy instead (load_pretrained and hf-to-dcp read FP8)"
+        )
     titan = load_pretrained(hf_dir)
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     reference = AutoModelForCausalLM.from_pretrained(

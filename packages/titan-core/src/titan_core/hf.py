@@ -6,7 +6,8 @@ config.json mapping) and sets it as its TrainSpec's ``state_dict_adapter``. Ever
 generic: titan-convert, ``load_pretrained`` and the trainer drive any family's adapter the same
 way, one titan tensor at a time (an MoE weight: one layer's experts, stacked from their HF
 tensors as they are read, split into them as it is written). The safetensors files themselves
-are read and written by :mod:`titan_core.safetensors_io`.
+are read and written by :mod:`titan_core.safetensors_io` (block-quantized FP8 folders are read
+dequantized through :mod:`titan_core.hf_quant`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +39,9 @@ from titan_core.safetensors_io import (
     write_json,
 )
 from titan_core.train_spec import TrainSpec, available_models, get_train_spec
+
+if TYPE_CHECKING:  # hf_quant imports this module
+    from titan_core.hf_quant import FP8Reader
 
 __all__ = [
     "CONFIG_FILE",
@@ -379,7 +383,7 @@ def spec_for_hf_folder(folder: str | os.PathLike, model_name: str | None = None)
 
 
 def read_titan_tensor(
-    reader: HFReader,
+    reader: HFReader | FP8Reader,
     adapter: StateDictAdapter,
     args: Any,
     titan_name: str,
@@ -413,7 +417,7 @@ def read_titan_tensor(
 
 
 def _read_stack(
-    reader: HFReader, names: list[str], experts: slice | None, cols: slice | None
+    reader: HFReader | FP8Reader, names: list[str], experts: slice | None, cols: slice | None
 ) -> torch.Tensor:
     """The HF tensors ``names[experts]`` stacked on a new dimension 0, each read on its own
     into its slot; ``cols`` (the stack's dimension 1) are rows of each HF tensor."""

@@ -21,12 +21,12 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from titan_core.errors import UserError
 from titan_core.hf import (
-    HFReader,
     adapter_of,
     convert_dcp_to_hf,
     read_hf_config,
     read_titan_tensor,
 )
+from titan_core.hf_quant import open_hf_reader
 
 logger = logging.getLogger("titan")
 
@@ -55,7 +55,7 @@ def check_hf_source(trainer: Any, folder: Path) -> None:
     """Before any work: every tensor the model needs is in the folder, with its shape."""
     adapter = adapter_of(trainer.spec)
     args = trainer.model_args
-    HFReader(folder).validate(adapter.expected_hf(args), adapter.redundant_hf(args))
+    open_hf_reader(folder).validate(adapter.expected_hf(args), adapter.redundant_hf(args))
 
 
 def _local_box(tensor: DTensor) -> tuple[slice | None, slice | None] | None:
@@ -82,7 +82,7 @@ def load_hf_weights(trainer: Any, folder: Path) -> None:
     """Copy the HF weights in ``folder`` into the trainer's (parallelised) model parts."""
     adapter = adapter_of(trainer.spec)
     args = trainer.model_args
-    reader = HFReader(folder)
+    reader = open_hf_reader(folder)
     for part in trainer.model_parts:
         for name, tensor in part.state_dict(keep_vars=True).items():
             if isinstance(tensor, DTensor):

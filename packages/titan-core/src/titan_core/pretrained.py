@@ -21,11 +21,11 @@ from titan_core.checkpoint_safety import load_checkpoint
 from titan_core.errors import UserError
 from titan_core.hf import (
     CONFIG_FILE,
-    HFReader,
     adapter_of,
     read_titan_tensor,
     spec_for_hf_folder,
 )
+from titan_core.hf_quant import open_hf_reader
 from titan_core.train_spec import TrainSpec, get_train_spec
 
 
@@ -72,7 +72,7 @@ def _load_hf(folder: Path, device: str | torch.device) -> nn.Module:
     spec = spec_for_hf_folder(folder)
     adapter = adapter_of(spec)
     args = adapter.args_from_hf_folder(folder)
-    reader = HFReader(folder)
+    reader = open_hf_reader(folder)
     reader.validate(adapter.expected_hf(args), adapter.redundant_hf(args))
     model = build_model(spec, args, device)
     tied = adapter.titan_layout(args)[1]  # shares its twin's tensor: loaded with it

@@ -321,25 +321,35 @@ class HFReader:
         """Refuse a folder whose tensors are not exactly ``expected`` (name -> shape), listing
         the missing, unexpected and wrong-shape tensors in one message. Names in ``ignorable``
         (a tied twin some hub folders store anyway) may be present; they are never read."""
-        missing = sorted(set(expected) - set(self.shapes))
-        extra = sorted(set(self.shapes) - set(expected) - set(ignorable))
-        wrong = sorted(
-            f"{k} {self.shapes[k]} (expected {tuple(expected[k])})"
-            for k in set(expected) & set(self.shapes)
-            if self.shapes[k] != tuple(expected[k])
+        check_tensors(self.folder, self.shapes, expected, ignorable)
+
+
+def check_tensors(
+    folder: Path,
+    shapes: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, Sequence[int]],
+    ignorable: Collection[str] = (),
+) -> None:
+    """:meth:`HFReader.validate` for any reader's ``shapes`` (name -> shape) of ``folder``."""
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected) - set(ignorable))
+    wrong = sorted(
+        f"{k} {shapes[k]} (expected {tuple(expected[k])})"
+        for k in set(expected) & set(shapes)
+        if shapes[k] != tuple(expected[k])
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {listing(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected: {listing(extra)}")
+    if wrong:
+        problems.append(f"{len(wrong)} with the wrong shape: {listing(wrong)}")
+    if problems:
+        raise UserError(
+            f"{folder}: the tensors do not match config.json ({'; '.join(problems)}); "
+            "fix config.json or download the weights again"
         )
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing: {listing(missing)}")
-        if extra:
-            problems.append(f"{len(extra)} unexpected: {listing(extra)}")
-        if wrong:
-            problems.append(f"{len(wrong)} with the wrong shape: {listing(wrong)}")
-        if problems:
-            raise UserError(
-                f"{self.folder}: the tensors do not match config.json ({'; '.join(problems)}); "
-                "fix config.json or download the weights again"
-            )
 
 
 # ---- writing ---------------------------------------------------------------------------------
