@@ -21,6 +21,8 @@ PACKAGES = [
     "-e",
     "packages/titan-qwen3",
     "-e",
+    "packages/titan-deepseek",
+    "-e",
     "packages/titan-convert",
 ]
 

@@ -8,13 +8,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from titan_deepseek import DEEPSEEK_V3_FLAVORS, DeepSeekV3StateDictAdapter, DeepSeekV3Transformer
+from safetensors.torch import load_file, save_file
 
 from titan_convert.cli import main
 from titan_core import load_pretrained
 from titan_core.errors import UserError
 from titan_core.models import MoE, MultiHeadLatentAttention
+from titan_deepseek import DEEPSEEK_V3_FLAVORS, DeepSeekV3StateDictAdapter, DeepSeekV3Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -172,7 +172,7 @@ def test_configs_titan_cannot_express_are_refused(change, key):
 
 def test_softmax_routing_cannot_be_written_as_deepseek_v3():
     args = DEEPSEEK_V3_FLAVORS["debugmodel"]  # torchtitan's debug shapes route with softmax
-    with pytest.raises(UserError, match="moe.score_func is 'softmax'"):
+    with pytest.raises(UserError, match=r"moe\.score_func is 'softmax'"):
         DeepSeekV3StateDictAdapter().hf_config(args)
 
 
@@ -194,3 +194,74 @@ def test_the_671b_flavor_is_the_released_config():
     }  # fmt: skip
     args = DeepSeekV3StateDictAdapter().args_from_hf_config(released)
     assert args == DEEPSEEK_V3_FLAVORS["671B"]
+
+
+# ---- the official FP8 release format ---------------------------------------------------
+
+
+def test_fp8_release_imports_dequantized_and_skips_the_mtp_layer(tmp_path, caplog):
+    """A random DeepSeek V3 with wide layers (dims 160/200/..., not multiples of 128: partial
+    edge blocks) block-quantized as the release is, plus a multi-token-prediction layer
+    ``model.layers.{n}``: titan reads it within FP8 rounding of the original, exactly the
+    independent dequantization, with transformers' logits on the dequantized weights, and one
+    log line about the skipped layer."""
+    from test_hf_fp8 import QUANT, dequantize, quantize
+
+    config = deepseek_config(
+        hidden_size=160, intermediate_size=200, kv_lora_rank=136, q_lora_rank=144
+    )
+    reference = random_deepseek(config)
+    reference.save_pretrained(tmp_path / "hf")
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    n = config.num_hidden_layers
+    for name in [k for k in state if k.startswith("model.layers.0.")]:  # the MTP layer's copy
+        state[name.replace("model.layers.0.", f"model.layers.{n}.")] = state[name].clone()
+    dequantized = {}
+    for name in [k for k in state if k.endswith("proj.weight") and state[k].dim() == 2]:
+        original = state[name]
+        state[name], state[name + "_scale_inv"] = quantize(original)
+        dequantized[name] = dequantize(state[name], state[name + "_scale_inv"])
+        error = (dequantized[name] - original).norm() / original.norm()
+        assert error < 2**-4, (name, error)
+    (tmp_path / "fp8").mkdir()
+    save_file(state, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "fp8" / "config.json").write_text(
+        json.dumps({**hf_config, "quantization_config": QUANT})
+    )
+    with caplog.at_level("INFO", logger="titan"):
+        model = load_pretrained(tmp_path / "fp8")
+    assert caplog.text.count(f"skipping model.layers.{n}.*") == 1
+    # transformers on the dequantized weights: the original folder with them written in
+    plain = {
+        k: dequantized.get(k, t)
+        for k, t in load_file(tmp_path / "hf" / "model.safetensors").items()
+    }
+    save_file(plain, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    on_dequantized = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert_logits_close(model(tokens()), on_dequantized(tokens()).logits)
+
+
+@pytest.mark.parametrize(
+    "key, value, tensor",
+    [
+        ("kv_lora_rank", 12, "kv_a_proj_with_mqa"),
+        ("q_lora_rank", 16, "q_a_proj"),
+    ],
+)
+def test_latent_ranks_that_do_not_match_the_tensors_are_refused(
+    key, value, tensor, tmp_path, capsys
+):
+    """config.json's latent ranks against the stored tensors: one line naming a tensor, exit 2,
+    nothing written."""
+    from test_convert import assert_refused
+
+    folder = tmp_path / "hf"
+    random_deepseek(deepseek_config(**CASES["q-lora-dense2"])).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    out = tmp_path / "out" / "dcp"
+    capsys.readouterr()  # transformers' progress bar from save_pretrained
+    assert main(["hf-to-dcp", str(folder), str(out)]) == 2
+    assert_refused(capsys.readouterr().err, rf"wrong shape: .*{tensor}", out)

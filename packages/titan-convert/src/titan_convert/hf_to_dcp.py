@@ -114,7 +114,7 @@ def hf_to_dcp(
     config = read_hf_config(hf_dir)
     args = adapter.args_from_hf_folder(hf_dir)
     reader = open_hf_reader(hf_dir)
-    reader.validate(adapter.expected_hf(args), adapter.redundant_hf(args))
+    reader.validate(adapter.expected_hf(args), adapter.ignorable_hf(args, reader.keys()))
     check_output(out_dir, hf_dir, overwrite)
 
     shapes = adapter.titan_shapes(args)

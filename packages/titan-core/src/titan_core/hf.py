@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -246,6 +246,17 @@ class StateDictAdapter:
         """HF names of tied tensors that a folder may store anyway (Qwen3-0.6B's
         ``lm_head.weight``): accepted when present, never read, never written."""
         return {hf for tied in self.titan_layout(args)[1] for hf in self._own_hf_names(args, tied)}
+
+    def skipped_hf(self, args: Any, present: Collection[str]) -> set[str]:
+        """HF tensors of a folder (``present``) that titan's model has no place for and reads
+        past, e.g. DeepSeek V3's multi-token-prediction layer; a family overrides this and logs
+        what it skips. None by default: an unknown tensor is an error."""
+        return set()
+
+    def ignorable_hf(self, args: Any, present: Collection[str]) -> set[str]:
+        """What a folder may hold beyond :meth:`expected_hf`: tied duplicates and skipped
+        tensors."""
+        return self.redundant_hf(args) | self.skipped_hf(args, present)
 
     # ---- tensors ---------------------------------------------------------------------
 

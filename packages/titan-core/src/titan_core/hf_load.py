@@ -55,7 +55,8 @@ def check_hf_source(trainer: Any, folder: Path) -> None:
     """Before any work: every tensor the model needs is in the folder, with its shape."""
     adapter = adapter_of(trainer.spec)
     args = trainer.model_args
-    open_hf_reader(folder).validate(adapter.expected_hf(args), adapter.redundant_hf(args))
+    reader = open_hf_reader(folder)
+    reader.validate(adapter.expected_hf(args), adapter.ignorable_hf(args, reader.keys()))
 
 
 def _local_box(tensor: DTensor) -> tuple[slice | None, slice | None] | None:

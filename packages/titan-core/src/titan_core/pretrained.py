@@ -73,7 +73,7 @@ def _load_hf(folder: Path, device: str | torch.device) -> nn.Module:
     adapter = adapter_of(spec)
     args = adapter.args_from_hf_folder(folder)
     reader = open_hf_reader(folder)
-    reader.validate(adapter.expected_hf(args), adapter.redundant_hf(args))
+    reader.validate(adapter.expected_hf(args), adapter.ignorable_hf(args, reader.keys()))
     model = build_model(spec, args, device)
     tied = adapter.titan_layout(args)[1]  # shares its twin's tensor: loaded with it
     with torch.no_grad():

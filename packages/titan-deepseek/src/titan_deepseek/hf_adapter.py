@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 import torch
@@ -14,6 +16,8 @@ from titan_core.hf_keys import DECODER_KEY_MAP, MOE_KEY_MAP
 from titan_core.models import MoEArgs, YarnScaling
 from titan_deepseek.args import DeepSeekV3Args
 from titan_deepseek.model import DeepSeekV3Transformer
+
+logger = logging.getLogger("titan")
 
 FAMILY = "DeepSeek V3"
 _get = functools.partial(config_value, family=FAMILY)
@@ -107,6 +111,21 @@ class DeepSeekV3StateDictAdapter(StateDictAdapter):
         "layers.{}.moe.expert_bias": "model.layers.{}.mlp.gate.e_score_correction_bias",
     }
     rope_rows: ClassVar[tuple[str, ...]] = ()
+
+    def skipped_hf(self, args: DeepSeekV3Args, present: Collection[str]) -> set[str]:
+        """The released checkpoint's multi-token-prediction module, stored as one more layer
+        (``model.layers.{n_layers}.*``): titan trains next-token prediction only and reads
+        past it, saying so once."""
+        prefix = f"model.layers.{args.n_layers}."
+        skipped = {name for name in present if name.startswith(prefix)}
+        if skipped:
+            logger.info(
+                "skipping %s* (%d tensors): the multi-token-prediction layer, which titan does "
+                "not train",
+                prefix,
+                len(skipped),
+            )
+        return skipped
 
     def args_from_hf_config(self, config: dict[str, Any]) -> DeepSeekV3Args:
         """Exact args for a ``DeepseekV3Config``.
