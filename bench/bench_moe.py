@@ -1,5 +1,6 @@
 """MoE throughput on CPU: one MoE layer's forward + backward with grouped_mm vs the loop, and
-qwen3 debugmodel_moe training in one process vs expert parallel over 2 processes.
+the MoE debug models' training (qwen3 debugmodel_moe, deepseek_v3 debugmodel) in one process vs
+expert parallel over 2 processes.
 
 Everything is measured side by side in this one run (rounds alternate between the variants and
 the medians are printed), so compare the numbers with each other, not with another day's.
@@ -42,10 +43,15 @@ def layer_tokens_per_s(grouped: bool, iters: int) -> float:
     return TOKENS * iters / (time.perf_counter() - start)
 
 
-def training_tokens_per_s(nproc: int, steps: int, dump: Path) -> float:
-    """Job tokens/s of qwen3 debugmodel_moe, global batch 8 x 256, one process or EP over nproc."""
+MODELS = [("qwen3", "debugmodel_moe"), ("deepseek_v3", "debugmodel")]
+
+
+def training_tokens_per_s(model: str, nproc: int, steps: int, dump: Path) -> float:
+    """Job tokens/s of ``model`` (name:flavor), global batch 8 x 256, one process or EP over
+    nproc."""
+    name, flavor = model.split(":")
     args = [
-        "--model.name", "qwen3", "--model.flavor", "debugmodel_moe",
+        "--model.name", name, "--model.flavor", flavor,
         "--job.dump_folder", str(dump), "--training.steps", str(steps),
         "--training.global_batch_size", "8", "--training.local_batch_size", str(8 // nproc),
         "--training.seq_len", "256", "--metrics.log_freq", str(steps // 2),
@@ -68,6 +74,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=3, help="layer passes per round")
     parser.add_argument("--steps", type=int, default=8, help="training steps per run")
+    parser.add_argument(
+        "--models", nargs="+", default=[f"{n}:{f}" for n, f in MODELS], help="name:flavor ..."
+    )
     args = parser.parse_args()
     layer = {"grouped_mm": [], "loop": []}
     for _ in range(args.rounds):
@@ -78,13 +87,18 @@ def main() -> None:
     for name, rates in layer.items():
         rate = statistics.median(rates)
         print(f"  {name:10s} {rate:12,.0f} tokens/s  {rate / loop:5.2f}x the loop")
-    print("qwen3 debugmodel_moe training, global batch 8 x 256 (job tokens/s):")
+    for model in args.models:
+        training(model, args.rounds, args.steps)
+
+
+def training(model: str, rounds: int, steps: int) -> None:
+    print(f"{model} training, global batch 8 x 256 (job tokens/s):")
     runs: dict[str, list[float]] = {"1 process": [], "EP 2": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
+        for r in range(rounds):
             for i, name in enumerate(runs):
                 dump = Path(tmp) / f"{r}-{i}"
-                runs[name].append(training_tokens_per_s(i + 1, args.steps, dump))
+                runs[name].append(training_tokens_per_s(model, i + 1, steps, dump))
     one = statistics.median(runs["1 process"])
     for name, rates in runs.items():
         rate = statistics.median(rates)
