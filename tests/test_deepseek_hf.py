@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from test_qwen3_moe_hf import assert_logits_close
 from titan_convert.cli import main
 from titan_core import load_pretrained
 from titan_core.errors import UserError
@@ -88,13 +89,6 @@ def random_deepseek(config, seed=0):
 
 def tokens(seed=1):
     return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-def assert_logits_close(actual, expected):
-    """1e-5 relative; a logit near zero is held to 1e-5 of the largest (float32 sums in another
-    order differ by a few ulps of the values summed)."""
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
