@@ -1,4 +1,6 @@
-"""Conversion speed and memory: HF -> DCP -> HF of a ~1 GB random Llama vs ``cp -r``.
+"""Conversion speed and memory: HF -> DCP -> HF of a ~1 GB random Llama vs ``cp -r``, and the
+import of the same model block-quantized to FP8 (the DeepSeek V3 release format), dequantized
+while streaming.
 
 The model has Llama 3.2 1B shapes with fewer layers, stored in bfloat16 (as the hub ships it)
 and converted in bfloat16 both ways, so every step moves the same bytes as ``cp -r`` of the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -99,6 +102,7 @@ def main() -> None:
         src = work / "hf"
         build_hf_folder(src, opts.layers, parse_size(opts.shard_size))
         size = folder_bytes(src)
+        build_fp8_folder(src, work / "fp8")
         convert = [sys.executable, "-m", "titan_convert"]
         steps = {
             "cp -r (reference)": ["cp", "-r", str(src), str(work / "copy")],
@@ -111,6 +115,9 @@ def main() -> None:
                           "bfloat16"],
             "dcp-to-hf": [*convert, "dcp-to-hf", str(work / "dcp"), str(work / "out"),
                           "--export-dtype", "bfloat16", "--max-shard-size", opts.shard_size],
+            # MiB/s of this row count the bf16 bytes produced, as the other rows do
+            "hf-to-dcp from FP8": [*convert, "hf-to-dcp", str(work / "fp8"),
+                                   str(work / "dcp8"), "--dtype", "bfloat16"],
         }  # fmt: skip
         startup, baseline = measure(
             [
@@ -125,7 +132,9 @@ def main() -> None:
                 shutil.rmtree(work / "copy", ignore_errors=True)
                 if name != "dcp-to-hf":
                     shutil.rmtree(work / "dcp", ignore_errors=True)
-                shutil.rmtree(work / "out", ignore_errors=True)
+                if name == "dcp-to-hf":
+                    shutil.rmtree(work / "out", ignore_errors=True)
+                shutil.rmtree(work / "dcp8", ignore_errors=True)
                 # NOTE: written-back page cache before every step: the kernel throttles a writer
                 # while earlier steps' dirty pages are still being flushed.
                 os.sync()
@@ -143,13 +152,54 @@ def main() -> None:
         for name, runs in results.items():
             seconds = min(s for s, _ in runs)
             rss = max(r for _, r in runs)
-            busy = seconds - startup if name in ("hf-to-dcp", "dcp-to-hf") else seconds
+            busy = seconds - startup if name.startswith(("hf-to-dcp", "dcp-to-hf")) else seconds
             print(f"| {name} | {seconds:.2f} | {size / MB / seconds:,.0f} | "
                   f"{cp_seconds / seconds:.0%} | {size / MB / busy:,.0f}, {cp_seconds / busy:.0%} "
                   f"| {rss:,.0f} | {rss * MB / shard:.2f} |")  # fmt: skip
         assert folder_bytes(work / "out") == size  # the round trip wrote every byte back
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+FP8_BLOCK, E4M3_MAX = 128, 448.0
+
+
+def build_fp8_folder(src: Path, dst: Path) -> None:
+    """``src`` with every 2-D projection weight of the blocks stored as float8_e4m3fn plus a
+    float32 ``weight_scale_inv`` per 128x128 block, and config.json's quantization_config."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    for file in src.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, dst / file.name)
+            continue
+        state = load_file(file)
+        for name in [k for k in state if k.startswith("model.layers.") and state[k].dim() == 2]:
+            state[name], state[name + "_scale_inv"] = _block_quantize(state[name])
+        save_file(state, dst / file.name, metadata={"format": "pt"})
+    index = dst / "model.safetensors.index.json"
+    if index.exists():  # the scales live in their weight's shard
+        content = json.loads(index.read_text())
+        weight_map = content["weight_map"]
+        for name in [k for k in weight_map if k.startswith("model.layers.") and "proj" in k]:
+            weight_map[name + "_scale_inv"] = weight_map[name]
+        index.write_text(json.dumps(content))
+    config = json.loads((dst / CONFIG_FILE).read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+    }  # fmt: skip
+    (dst / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def _block_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = weight.shape
+    pad = torch.nn.functional.pad(weight.float(), (0, -cols % FP8_BLOCK, 0, -rows % FP8_BLOCK))
+    blocks = pad.unflatten(0, (-1, FP8_BLOCK)).unflatten(2, (-1, FP8_BLOCK))  # (R/b, b, C/b, b)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
+    full = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
+    return (weight.float() / full).to(torch.float8_e4m3fn), scale
 
 
 if __name__ == "__main__":
