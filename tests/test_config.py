@@ -156,3 +156,63 @@ def test_scheduler_drives_the_optimizer_lr():
         opt.step()
         sched.step()
     assert seen == [1.0, 2.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "hyphenated, underscored",
+    [
+        (["--training.local-batch-size", "4"], ["--training.local_batch_size", "4"]),
+        (["--training.local-batch-size=4"], ["--training.local_batch_size=4"]),
+        (["--training.steps=3"], ["--training.steps", "3"]),
+        (["--compile.enable", "--compile.no-enable"], ["--compile.enable", "--compile.no_enable"]),
+        (
+            ["--compile.enable", "--compile.no_enable"],
+            ["--compile.enable", "--compile.enable=false"],
+        ),
+        (
+            ["--quantize.linear.float8.enable-fsdp-float8-all-gather"],
+            ["--quantize.linear.float8.enable_fsdp_float8_all_gather"],
+        ),
+        (
+            ["--quantize.linear.float8.no-enable-fsdp-float8-all-gather"],
+            ["--quantize.linear.float8.enable_fsdp_float8_all_gather", "false"],
+        ),
+        (["--lr-scheduler.decay-ratio", "0.5"], ["--lr_scheduler.decay_ratio", "0.5"]),
+    ],
+)
+def test_hyphens_in_flags_mean_underscores(hyphenated, underscored):
+    assert build_config(hyphenated) == build_config(underscored)
+
+
+def test_hyphenated_flags_set_the_field():
+    assert build_config(["--training.local-batch-size", "3"]).training.local_batch_size == 3
+    assert build_config(["--compile.enable"]).compile.enable is True
+    for off in ("--compile.no-enable", "--compile.no_enable"):
+        assert build_config(["--compile.enable", off]).compile.enable is False
+    c = build_config(["--quantize.linear.float8.enable-fsdp-float8-all-gather"])
+    assert c.quantize.linear.float8.enable_fsdp_float8_all_gather is True
+
+
+def test_hyphenated_config_file_flag_reads_the_toml(tmp_path):
+    path = write(tmp_path, "[training]\nsteps = 7\nseq_len = 64\n")
+    for argv in (["--job.config-file", path], [f"--job.config-file={path}"]):
+        c = build_config([*argv, "--training.steps", "3"])
+        assert (c.training.steps, c.training.seq_len) == (3, 64)
+        assert c == build_config(["--job.config_file", path, "--training.steps", "3"])
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--training.local-batch-sise", "4"], "--training.local-batch-sise: unknown key"),
+        (["--training.local-batch-sise", "4"], "did you mean 'local_batch_size'"),
+        (["--training.local-batch-size", "many"], "--training.local-batch-size: expected integer"),
+        (["--training.local-batch-size"], "write --training.local-batch-size VALUE"),
+        (["--train-ing.steps", "3"], "--train-ing.steps: unknown section 'train_ing'"),
+    ],
+)
+def test_hyphenated_flag_errors_name_the_flag_as_typed(argv, needle):
+    with pytest.raises(UserError) as e:
+        build_config(argv)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)

@@ -179,9 +179,23 @@ def _is_bool_field(section: str, key: str) -> bool:
     return tp is bool
 
 
-def parse_cli(argv: list[str]) -> list[tuple[str, str, str]]:
-    """Split ``--section.key value`` flags into (section, key, raw value) triples."""
-    out: list[tuple[str, str, str]] = []
+class Flag(typing.NamedTuple):
+    """One ``--section.key value`` flag: the field it sets and the name as the user typed it."""
+
+    section: str
+    key: str
+    value: str
+    typed: str  # e.g. "--training.local-batch-size", for error messages
+
+
+def parse_cli(argv: list[str]) -> list[Flag]:
+    """Split ``--section.key value`` flags into :class:`Flag` records.
+
+    A hyphen anywhere in the section or key means an underscore, as in torchtitan's CLI, so
+    ``--training.local-batch-size`` and ``--compile.no-enable`` name ``local_batch_size`` and
+    the negated ``enable``.
+    """
+    out: list[Flag] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -190,23 +204,25 @@ def parse_cli(argv: list[str]) -> list[tuple[str, str, str]]:
                 f"argument {arg!r}: expected --section.key VALUE (e.g. --training.steps 10); "
                 "run titan-train --help for the list"
             )
-        name, eq, value = arg[2:].partition("=")
-        section, _, key = name.rpartition(".")  # sections may be dotted: quantize.linear.float8
+        typed, eq, value = arg[2:].partition("=")
+        where = f"--{typed}"
+        # sections may be dotted (quantize.linear.float8): the key is after the last dot
+        section, _, key = typed.replace("-", "_").rpartition(".")
         if key.startswith("no_") and _is_bool_field(section, key[3:]) and not eq:
-            out.append((section, key[3:], "false"))
+            out.append(Flag(section, key[3:], "false", where))
             i += 1
             continue
-        _lookup(section, key, f"--{name}")
+        _lookup(section, key, where)
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if _is_bool_field(section, key) and (nxt is None or nxt.lower() not in _TRUE | _FALSE):
                 value = "true"  # a bare boolean flag
             elif nxt is None:
-                raise UserError(f"--{name}: missing a value; write --{name} VALUE")
+                raise UserError(f"{where}: missing a value; write {where} VALUE")
             else:
                 value = nxt
                 i += 1
-        out.append((section, key, value))
+        out.append(Flag(section, key, value, where))
         i += 1
     return out
 
@@ -216,13 +232,13 @@ def build_config(argv: list[str] | None = None) -> JobConfig:
     argv = sys.argv[1:] if argv is None else argv
     overrides = parse_cli(argv)
     config = JobConfig()
-    for section, key, value in overrides:
-        if (section, key) == ("job", "config_file"):
-            config.job.config_file = value
+    for flag in overrides:
+        if (flag.section, flag.key) == ("job", "config_file"):
+            config.job.config_file = flag.value
     if config.job.config_file:
         load_toml(config, config.job.config_file)
-    for section, key, value in overrides:
-        _set(config, section, key, value, f"--{section}.{key}", from_cli=True)
+    for flag in overrides:
+        _set(config, flag.section, flag.key, flag.value, flag.typed, from_cli=True)
     return config
 
 
@@ -269,6 +285,7 @@ def help_text() -> str:
         "",
         "Precedence: command line > TOML file > defaults. Booleans are bare flags",
         "(--checkpoint.enable); --section.no_key or --section.key false turns one off.",
+        "A hyphen in a flag means an underscore (--training.local-batch-size 4).",
         "Lists are comma-separated (--compile.components model,loss). Other flags:",
         "  --list-models     list the installed model families and their flavors",
         "",

@@ -14,6 +14,16 @@ A local or hub source that holds no text (every row empty or whitespace only) is
 is opened: local files are checked whole, streams by their first ``TEXT_CHECK_ROWS`` rows. In
 ``.txt`` files a document is a line, and empty or whitespace-only lines are not documents.
 
+Names ``training.dataset`` accepts (``training.dataset_path``, when set, wins over all of them):
+
+* ``embedded`` (the default) and ``c4_test``: the small corpus shipped inside titan-core, read
+  offline. ``c4_test`` is the name torchtitan gives its tiny local test set, so torchtitan configs
+  that train on it run unchanged, on titan's corpus instead of torchtitan's files.
+* ``c4`` and ``c4_validation``: ``allenai/c4`` (config ``en``), the train and validation splits;
+  ``fineweb``: ``HuggingFaceFW/fineweb``; any other name is a hub repository. Hub datasets
+  stream. Without the hub (``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` set, or no network) the
+  run is refused, in one line, when the data is opened: before any process group or write.
+
 ``datasets`` is imported only when a local or hub dataset is opened: it is slow to import, and the
 embedded default does not need it. Its own logging and progress bars are silenced while titan reads
 through it: titan reports a failure itself, in one line.
@@ -42,11 +52,17 @@ if TYPE_CHECKING:  # numpy and pyarrow come with `datasets`, imported only for i
 
 logger = logging.getLogger("titan")
 
-# Short names for the hub corpora titan is usually pointed at: (repository, config name).
-HUB_DATASETS: dict[str, tuple[str, str | None]] = {
-    "c4": ("allenai/c4", "en"),
-    "fineweb": ("HuggingFaceFW/fineweb", None),
+# Short names for the hub corpora titan is usually pointed at: (repository, config name, split).
+HUB_DATASETS: dict[str, tuple[str, str | None, str]] = {
+    "c4": ("allenai/c4", "en", "train"),
+    "c4_validation": ("allenai/c4", "en", "validation"),
+    "fineweb": ("HuggingFaceFW/fineweb", None, "train"),
 }
+# Names that mean the embedded corpus. NOTE: "c4_test" is torchtitan's bundled C4 sample; titan
+# ships its own small corpus instead, so configs written for torchtitan run offline unchanged.
+EMBEDDED_NAMES = ("embedded", "", "c4_test")
+# Environment switches with which `huggingface_hub` / `datasets` refuse to reach the hub.
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 # File suffix -> the `datasets` builder that reads it.
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 _PATH_FIELD = "training.dataset_path"
@@ -74,8 +90,9 @@ def open_documents(
     """Open the documents a run trains on.
 
     Args:
-        dataset: ``"embedded"`` (the offline default), ``"c4"``, ``"fineweb"`` or any hub dataset
-            name; ignored when ``dataset_path`` is set.
+        dataset: ``"embedded"`` (the offline default) or ``"c4_test"`` (the same corpus),
+            ``"c4"``, ``"c4_validation"``, ``"fineweb"`` or any hub dataset name; ignored when
+            ``dataset_path`` is set.
         dataset_path: a local ``.jsonl``/``.json``, ``.parquet`` or ``.txt`` file, or a folder of
             files of one kind; ``""`` to use ``dataset``.
         seed: seeds the per-epoch shuffle of map-style sources (streaming sources do not shuffle).
@@ -86,11 +103,12 @@ def open_documents(
 
     Raises:
         UserError: the path is missing, unreadable or empty, has no ``text`` column, or its
-            documents hold no text (for a stream: its first ``TEXT_CHECK_ROWS`` rows).
+            documents hold no text (for a stream: its first ``TEXT_CHECK_ROWS`` rows); or a hub
+            dataset cannot be reached (offline, no network, unknown name).
     """
     if dataset_path:
         return _open_local(dataset_path, seed, owned, streaming)
-    if dataset in ("embedded", ""):
+    if dataset in EMBEDDED_NAMES:
         return MapDocuments(_read_embedded_corpus(), seed)
     return _open_hub(dataset, owned)
 
@@ -447,21 +465,36 @@ def _has_text(texts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
 
 
 def _open_hub(dataset: str, owned: Callable[[int], bool] | None) -> DocumentSource:
-    repo, config = HUB_DATASETS.get(dataset, (dataset, None))
+    repo, config, split = HUB_DATASETS.get(dataset, (dataset, None, "train"))
     name = f"training.dataset: {dataset}"
+    fix = (
+        "download it and pass its files with --training.dataset_path, or train on the embedded "
+        "corpus (--training.dataset embedded, the default)"
+    )
+    offline = [var for var in _OFFLINE_VARS if _env_true(var)]
+    if offline:  # fail now, in one line, rather than after `datasets`' own offline retries
+        raise UserError(
+            f"{name} streams hub dataset {repo} ({split} split), but {offline[0]} is set so the "
+            f"hub cannot be reached; {fix}"
+        )
     import datasets  # slow import; only for non-embedded data
 
     def load() -> Any:
         try:
             with _quiet_datasets():
-                return datasets.load_dataset(repo, config, split="train", streaming=True)
+                return datasets.load_dataset(repo, config, split=split, streaming=True)
         except Exception as err:  # network, auth and name errors all land here
             raise UserError(
-                f"{name} could not be opened as hub dataset {repo} ({_innermost(err)}); check the name "
-                'and network access, or use training.dataset_path or dataset "embedded"'
+                f"{name} could not be opened as hub dataset {repo} ({split} split: "
+                f"{_innermost(err)}); check the name and network access, or {fix}"
             ) from err
 
     return StreamingDocuments(load, owned, name)
+
+
+def _env_true(var: str) -> bool:
+    # The values huggingface_hub itself reads as "on".
+    return os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _innermost(err: BaseException) -> str:
