@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="titan-convert",
         description="Convert between titan DCP checkpoints and Hugging Face safetensors folders.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"titan-convert {version('titan-convert')}"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -1,9 +1,9 @@
 """Training metrics: FLOP accounting, MFU denominators, memory, and the metrics sinks.
 
 A run writes its metrics to three places (design §5): ``<dump_folder>/metrics.jsonl`` (one JSON
-object per logged step, the record of truth), TensorBoard events under ``<dump_folder>/tb/``, and
-optionally Weights & Biases. Only rank 0 logs; other ranks build a disabled
-:class:`MetricsLogger` whose methods do nothing.
+object per logged step, the record of truth), TensorBoard events under
+``<dump_folder>/<metrics.save_tb_folder>/`` (default ``tb/``), and optionally Weights & Biases.
+Only rank 0 logs; other ranks build a disabled :class:`MetricsLogger` whose methods do nothing.
 
 MFU is ``achieved model FLOP/s / peak FLOP/s``. The numerator comes from
 :func:`llama_flops_per_token` times tokens per second; the denominator from
@@ -387,7 +387,12 @@ _CONSOLE_FIELDS: tuple[tuple[str, str, str], ...] = (
 _CONSOLE_SKIP = frozenset({"tokens_seen", "time"})
 
 
-def format_console_line(record: Mapping[str, Any]) -> str:
+# ANSI colours of the console line's leading fields (only when stderr is a terminal).
+_COLORS = {"step": "\033[36m", "loss": "\033[32m", "memory_gib": "\033[33m"}
+_RESET = "\033[0m"
+
+
+def format_console_line(record: Mapping[str, Any], color: bool = False) -> str:
     """Format one metrics record as a short console line.
 
     Standard fields print in a fixed order with fixed precision (``mfu``, a 0..1 fraction, as a
@@ -396,11 +401,13 @@ def format_console_line(record: Mapping[str, Any]) -> str:
 
     Args:
         record: a metrics record, as passed to :meth:`MetricsLogger.log`.
+        color: wrap the step, loss and memory fields in ANSI colours.
     """
     parts = []
     for key, label, fmt in _CONSOLE_FIELDS:
         if key in record:
-            parts.append(f"{label} {fmt.format(record[key])}")
+            text = f"{label} {fmt.format(record[key])}"
+            parts.append(f"{_COLORS[key]}{text}{_RESET}" if color and key in _COLORS else text)
     known = {key for key, _, _ in _CONSOLE_FIELDS} | _CONSOLE_SKIP
     for key, value in record.items():
         if key not in known and isinstance(value, int | float) and not isinstance(value, bool):
@@ -430,6 +437,7 @@ class MetricsLogger:
             ``WANDB_*`` environment variables, e.g. ``WANDB_MODE=offline``).
         wandb_config: the resolved run config, stored with the W&B run.
         tb_subdir: TensorBoard folder name inside ``dump_folder``.
+        color: colour the console line (the caller checks that stderr is a terminal).
     """
 
     def __init__(
@@ -441,8 +449,9 @@ class MetricsLogger:
         enable_wandb: bool,
         wandb_config: dict | None = None,
         tb_subdir: str = "tb",
+        color: bool = False,
     ) -> None:
-        self.enabled = enabled
+        self.enabled, self.color = enabled, color
         self._jsonl = None
         self._tb_writer = None
         self._wandb_run = None
@@ -493,7 +502,7 @@ class MetricsLogger:
                 self._tb_writer.add_scalar(key, value, global_step=step)
         if self._wandb_run is not None:
             self._wandb_run.log(scalars, step=step)
-        logger.info(format_console_line(plain))
+        logger.info(format_console_line(plain, color=self.color))
 
     def close(self) -> None:
         """Flush and close every sink; safe to call twice."""
@@ -516,6 +525,10 @@ class MetricsLogger:
 
 def check_metrics_sinks(cfg: Any, is_main: bool) -> None:
     """The optional packages the enabled sinks need are installed (only rank 0 logs)."""
+    if cfg.enable_tensorboard and not cfg.save_tb_folder.strip():
+        raise UserError(
+            "metrics.save_tb_folder: empty; give a folder name inside job.dump_folder (e.g. tb)"
+        )
     if is_main and cfg.enable_wandb:
         _import_wandb()
     if is_main and cfg.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:

@@ -15,7 +15,7 @@ from titan_core.errors import UserError
 
 logger = logging.getLogger("titan")
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "tb")
+RUN_FILES = ("config.toml", "metrics.jsonl")
 
 
 def check_dump_folder(value: str) -> Path:
@@ -47,9 +47,10 @@ def check_dump_folder(value: str) -> Path:
     return dump
 
 
-def archive_previous_run(dump: Path) -> None:
-    """Move an earlier run's files to ``previous-runs/<time>/`` so a new run never erases them."""
-    present = [dump / name for name in RUN_FILES if (dump / name).exists()]
+def archive_previous_run(dump: Path, tb_folder: str = "tb") -> None:
+    """Move an earlier run's files (and its TensorBoard folder ``tb_folder``) to
+    ``previous-runs/<time>/`` so a new run never erases them."""
+    present = [dump / name for name in (*RUN_FILES, tb_folder) if (dump / name).exists()]
     if not present:
         return
     target = dump / "previous-runs" / time.strftime("%Y%m%d-%H%M%S")
@@ -59,12 +60,12 @@ def archive_previous_run(dump: Path) -> None:
     logger.info("moved the previous run's files in %s to %s", dump, target)
 
 
-def prepare_dump_folder(dump: Path, config_toml: str, resumed: bool) -> None:
+def prepare_dump_folder(dump: Path, config_toml: str, resumed: bool, tb_folder: str = "tb") -> None:
     """Create the folder, keep an earlier run's files (unless ``resumed``), write the config."""
     try:
         dump.mkdir(parents=True, exist_ok=True)
         if not resumed:  # a resumed run appends to its own files
-            archive_previous_run(dump)
+            archive_previous_run(dump, tb_folder)
         (dump / "config.toml").write_text(config_toml, encoding="utf-8")
     except OSError as e:
         raise UserError(

@@ -6,6 +6,7 @@ Bad input exits with code 2 and one line on stderr; set ``TITAN_DEBUG=1`` for th
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -38,7 +39,8 @@ def list_models() -> str:
 
 
 def run(argv: list[str]) -> dict | None:
-    """Parse ``argv``, train, print the summary; returns it (None for --help/--list-models)."""
+    """Parse ``argv``, train, print the summary; returns it (None for --help/--list-models/
+    --version)."""
     from titan_core.config import build_config, help_text
 
     if "-h" in argv or "--help" in argv:
@@ -46,6 +48,9 @@ def run(argv: list[str]) -> dict | None:
         return None
     if "--list-models" in argv:
         print(list_models())
+        return None
+    if "--version" in argv:
+        print(f"titan-train {importlib.metadata.version('titan-core')}")
         return None
     config = build_config(argv)
     from titan_core.distributed import destroy_process_group

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from titan_core.checkpoint import (
 from titan_core.checkpoint_safety import check_resume_source
 from titan_core.config import JobConfig, to_toml
 from titan_core.data import GlobalBatchLoader, Tokenizer, load_tokenizer
+from titan_core.determinism import resolve_debug, set_determinism
 from titan_core.distributed import (
     Runtime,
     init_process_group,
@@ -65,6 +67,7 @@ from titan_core.parallel import (
 from titan_core.parallel.grad_norm import clip_grad_norm_
 from titan_core.precision import param_and_reduce_dtypes
 from titan_core.preflight import resolve_model_args, validate_training
+from titan_core.profiling import StepProfiler, check_profiling
 from titan_core.quantize import apply_converters, build_converters, warn_unused_sections
 from titan_core.run_folder import check_dump_folder, prepare_dump_folder
 from titan_core.stopping import StopSignals, finite_step, stopped_by_signal
@@ -90,8 +93,7 @@ class Trainer:
         self.config = config
         self.runtime: Runtime = runtime_from_env()
         self.check_inputs()
-        if config.training.deterministic:
-            torch.use_deterministic_algorithms(True)
+        set_determinism(config)
         self.prepare_dump_folder()
         init_process_group(self.runtime, config.comm.init_timeout_seconds)
         self.mesh = self.build_mesh()
@@ -122,6 +124,8 @@ class Trainer:
     def check_inputs(self) -> None:
         """Everything a person can get wrong, checked before any process group or model."""
         c = self.config
+        resolve_debug(c)  # [debug] -> [training]: the rest reads training.seed/deterministic
+        check_profiling(c.profiling)
         self.dump = check_dump_folder(c.job.dump_folder)
         self.spec = get_train_spec(c.model.name)
         self.model_args = resolve_model_args(self.spec, c)
@@ -223,7 +227,11 @@ class Trainer:
     def prepare_dump_folder(self) -> None:
         """Create the dump folder, keep an earlier run's files, write the resolved config."""
         if self.runtime.is_main:
-            prepare_dump_folder(self.dump, to_toml(self.config), resumed=bool(self.resume_steps))
+            text = to_toml(self.config)
+            tb = self.config.metrics.save_tb_folder
+            prepare_dump_folder(self.dump, text, bool(self.resume_steps), tb)
+            if self.config.job.print_config:
+                logger.info("resolved config:\n%s", text)
 
     def build_mesh(self) -> ParallelMesh | None:
         if self.runtime.world_size == 1:
@@ -374,6 +382,8 @@ class Trainer:
             enable_tensorboard=m.enable_tensorboard,
             enable_wandb=m.enable_wandb,
             wandb_config=dataclasses.asdict(self.config),
+            tb_subdir=m.save_tb_folder,
+            color=not m.disable_color_printing and sys.stderr.isatty(),
         )
 
     # ---- the step ----------------------------------------------------------------------
@@ -469,6 +479,8 @@ class Trainer:
         if self.config.checkpoint.create_seed_checkpoint:
             return self.write_seed_checkpoint()
         first_step = self.step + 1
+        r = self.runtime
+        self.profiler = StepProfiler(self.config.profiling, self.dump, r.rank, r.device, self.step)
         start = time.perf_counter()
         try:
             with StopSignals() as signals:
@@ -477,6 +489,8 @@ class Trainer:
             self.checkpointer.close()
             self.metrics.close()
             raise
+        finally:
+            self.profiler.close()
         self.checkpointer.close()
         self.metrics.close()
         if self.config.checkpoint.last_save_in_hf:
@@ -501,6 +515,7 @@ class Trainer:
         for self.step in range(first_step, t.steps + 1):
             lr = self.scheduler.get_last_lr()[0]
             loss, grad_norm = self.train_step(self.loader.next_batch())
+            self.profiler.step(self.step)
             if self.step == first_step and self.mesh is not None:
                 groups = self.mesh.world.get_all_groups()
                 set_collective_timeout(self.config.comm.train_timeout_seconds, groups)

@@ -64,6 +64,9 @@ class Job:
     dump_folder: str = opt(
         "./outputs", "Folder for config.toml, metrics.jsonl, tb/ and checkpoints."
     )
+    print_config: bool = opt(
+        False, "Log the resolved config (the TOML saved as config.toml) at start, rank 0 only."
+    )
     description: str = opt("titan debug run", "Free text describing the run, saved with it.")
 
 
@@ -213,7 +216,7 @@ class Checkpoint:
     last_save_model_only: bool = opt(
         False, "Make the final checkpoint weights only (in export_dtype), for export."
     )
-    export_dtype: Literal["float32", "bfloat16"] = opt(
+    export_dtype: Literal["float32", "bfloat16", "float16"] = opt(
         "float32", "Dtype of the weights in a model-only final checkpoint."
     )
     initial_load_path: str = opt(
@@ -333,8 +336,53 @@ class Quantize:
 @dataclass
 class Metrics:
     log_freq: int = opt(10, "Log every N steps (and the first and last step).", AT_LEAST_ONE)
-    enable_tensorboard: bool = opt(True, "Write TensorBoard events to <dump_folder>/tb/.")
+    enable_tensorboard: bool = opt(
+        True, "Write TensorBoard events to <dump_folder>/<save_tb_folder>/."
+    )
+    save_tb_folder: str = opt("tb", "TensorBoard folder name inside job.dump_folder.")
     enable_wandb: bool = opt(False, "Log to Weights & Biases (needs wandb installed).")
+    disable_color_printing: bool = opt(
+        False, "Never colour the console log (it is coloured only when stderr is a terminal)."
+    )
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = opt(
+        False, "Run torch.profiler on a schedule and write Chrome traces per rank."
+    )
+    save_traces_folder: str = opt(
+        "profile_traces",
+        "Trace folder inside job.dump_folder (iteration_<step>/rank<r>_trace.json).",
+    )
+    profile_freq: int = opt(
+        10,
+        "Profile window length in steps; a trace is written every profile_freq steps.",
+        AT_LEAST_ONE,
+    )
+    profiler_active: int = opt(1, "Steps recorded at the end of each window.", AT_LEAST_ONE)
+    profiler_warmup: int = opt(
+        3, "Steps the profiler warms up (runs, discards) before the active ones.", NON_NEGATIVE
+    )
+    enable_memory_snapshot: bool = opt(
+        False,
+        "CUDA only: record the allocator history and dump a snapshot pickle per rank every "
+        "profile_freq steps; on CPU a notice is logged and nothing is recorded.",
+    )
+    save_memory_snapshot_folder: str = opt(
+        "memory_snapshot", "Memory snapshot folder inside job.dump_folder."
+    )
+
+
+@dataclass
+class Debug:
+    seed: int | None = opt(
+        None, "torchtitan's spelling of training.seed; unset: training.seed.", Bounds(0, INT64_MAX)
+    )
+    deterministic: bool = opt(False, "torchtitan's spelling of training.deterministic.")
+    deterministic_warn_only: bool = opt(
+        False, "Deterministic algorithms, warning (not failing) on ops that have none."
+    )
 
 
 @dataclass
@@ -360,6 +408,8 @@ class JobConfig:
     compile: Compile = field(default_factory=Compile)
     quantize: Quantize = field(default_factory=Quantize)
     metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
+    debug: Debug = field(default_factory=Debug)
     comm: Comm = field(default_factory=Comm)
 
 

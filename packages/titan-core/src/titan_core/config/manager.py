@@ -288,6 +288,7 @@ def help_text() -> str:
         "A hyphen in a flag means an underscore (--training.local-batch-size 4).",
         "Lists are comma-separated (--compile.components model,loss). Other flags:",
         "  --list-models     list the installed model families and their flavors",
+        "  --version         print titan-core's version",
         "",
     ]
     for name, cls in sections().items():
