@@ -116,7 +116,8 @@ class LRScheduler:
 class Training:
     dataset: str = opt(
         "embedded",
-        "Data: 'embedded' (offline default), or a hub dataset such as c4 or fineweb (streaming).",
+        "Data: 'embedded' (offline default; torchtitan's c4_test is the same), or a hub dataset "
+        "such as c4, c4_validation or fineweb (streaming).",
     )
     dataset_path: str = opt("", "Local .jsonl/.parquet/.txt file or folder; overrides dataset.")
     local_batch_size: int = opt(8, "Sequences per data-parallel rank per microstep.", AT_LEAST_ONE)
