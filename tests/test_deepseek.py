@@ -46,6 +46,106 @@ def test_the_debug_config_trains(tmp_path):
     assert len(curve) == 3 and curve[-1] < curve[0]
 
 
+# The key set of torchtitan v0.2.2's DeepSeek V3 debug_model.toml (profiling on, PP 2 with
+# DualPipeV, EP 2, the Float8 sections present but not listed in model.converters).
+TORCHTITAN_DEBUG_TOML = """
+[job]
+dump_folder = "./outputs"
+description = "DeepSeek-V3 debug training"
+print_config = false
+
+[profiling]
+enable_profiling = true
+save_traces_folder = "profile_trace"
+profile_freq = 1
+profiler_warmup = 0
+enable_memory_snapshot = false
+save_memory_snapshot_folder = "memory_snapshot"
+
+[metrics]
+log_freq = 1
+disable_color_printing = false
+enable_tensorboard = false
+save_tb_folder = "tb"
+enable_wandb = false
+
+[model]
+name = "deepseek_v3"
+flavor = "debugmodel"
+hf_assets_path = "./tests/assets/tokenizer"
+
+[optimizer]
+name = "AdamW"
+lr = 8e-4
+eps = 1e-8
+
+[lr_scheduler]
+warmup_steps = 0
+decay_ratio = 0.8
+decay_type = "linear"
+min_lr_factor = 0.0
+
+[training]
+local_batch_size = 4
+seq_len = 4
+max_norm = 1.0
+steps = 6
+dataset = "c4_test"
+
+[parallelism]
+data_parallel_replicate_degree = 1
+data_parallel_shard_degree = -1
+fsdp_reshard_after_forward = "default"
+tensor_parallel_degree = 1
+enable_async_tensor_parallel = false
+pipeline_parallel_degree = 2
+expert_parallel_degree = 2
+context_parallel_degree = 1
+pipeline_parallel_schedule = "DualPipeV"
+expert_tensor_parallel_degree = 1
+
+[checkpoint]
+enable = false
+folder = "checkpoint"
+interval = 10
+last_save_model_only = false
+export_dtype = "float32"
+async_mode = "disabled"
+
+[activation_checkpoint]
+mode = "selective"
+selective_ac_option = "op"
+
+[compile]
+enable = false
+components = ["model", "loss"]
+
+[quantize.linear.float8]
+enable_fsdp_float8_all_gather = false
+precompute_float8_dynamic_scale_for_fsdp = false
+filter_fqns = ["output", "router.gate"]
+
+[quantize.grouped_mm.float8]
+fqns = ["experts"]
+"""
+
+
+def test_torchtitan_deepseek_debug_toml_trains_with_tiny_overrides(tmp_path):
+    (tmp_path / "debug_model.toml").write_text(TORCHTITAN_DEBUG_TOML)
+    overrides = [
+        "--job.config_file", str(tmp_path / "debug_model.toml"), "--model.hf_assets_path", "",
+        "--parallelism.pipeline_parallel_degree", "1", "--parallelism.expert_parallel_degree",
+        "1", "--training.steps", "2", "--job.dump_folder", str(tmp_path / "run"),
+    ]  # fmt: skip
+    proc = run_cli(overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(losses(tmp_path / "run")) == 2
+    assert list((tmp_path / "run" / "profile_trace").glob("iteration_*/rank0_trace.json"))
+    assert (
+        "[quantize.grouped_mm.float8] sets fqns but model.converters does not list" in proc.stderr
+    )
+
+
 def test_mla_values_may_be_narrower_than_keys_and_heads_follow_the_weights():
     """A column shard of the per-head projections (what TP leaves a rank) is a model with fewer
     heads: the module reads its head count from the weights."""
