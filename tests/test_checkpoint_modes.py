@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import shutil
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,27 +73,44 @@ def test_an_async_checkpoint_resumes_exactly(sync_run, async_run, tmp_path):
 
 
 def test_training_goes_on_while_an_async_save_writes(tmp_path, monkeypatch, caplog):
-    """Slow the storage down: the steps after a save run before the save reports completion."""
+    """The storage of step 2's save does not finish writing until step 3 has been logged: an
+    asynchronous save lets training reach step 3 meanwhile; a save that blocked training would
+    wait out the timeout and report completion before step 3. (No timing: a loaded machine
+    cannot make this pass or fail.)"""
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    step3_logged = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if re.match(r"step\s+3\s", record.getMessage()):
+                step3_logged.set()
 
     slow_write = FileSystemWriter.write_data
 
     def write_data(self, plan, planner):
-        time.sleep(1.5)
+        step3_logged.wait(timeout=120)
         return slow_write(self, plan, planner)
 
     monkeypatch.setattr(FileSystemWriter, "write_data", write_data)
     caplog.set_level(logging.INFO, logger="titan")
+    watch = Watch()
+    logging.getLogger("titan").addHandler(watch)
     dump = tmp_path / "slow"
-    train(
-        str(dump),
-        "--checkpoint.interval",
-        "2",
-        "--checkpoint.async_mode",
-        "async",
-        "--training.steps",
-        "4",
-    )
+    try:
+        train(
+            str(dump),
+            "--checkpoint.interval",
+            "2",
+            "--checkpoint.async_mode",
+            "async",
+            "--training.steps",
+            "4",
+            "--metrics.log_freq",
+            "1",
+        )
+    finally:
+        logging.getLogger("titan").removeHandler(watch)
     messages = [r.getMessage() for r in caplog.records]
     copied = next(i for i, m in enumerate(messages) if "step-2: state copied" in m)
     complete = next(i for i, m in enumerate(messages) if "step-2 complete" in m)
