@@ -32,13 +32,22 @@ def _forget_in_process_models():
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory):
+def validation_set(tmp_path_factory):
+    """A small local validation set shared by the parity runs."""
+    from helpers import write_validation_set
+
+    return write_validation_set(tmp_path_factory.mktemp("validation"))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, validation_set):
     """Dump folder of the single-process run the parity runs are compared with (FAST settings,
-    global batch 8)."""
-    from helpers import FAST, losses, run_cli
+    global batch 8, a whole-set validation after steps 4 and 8)."""
+    from helpers import FAST, losses, run_cli, validation_flags
 
     dump = tmp_path_factory.mktemp("reference")
     args = [*FAST, "--training.global_batch_size", "8", "--training.local_batch_size", "8"]
+    args += validation_flags(validation_set, local_batch_size=8)
     proc = run_cli([*args, "--job.dump_folder", str(dump)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = losses(dump)

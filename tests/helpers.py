@@ -36,6 +36,35 @@ components = ["model", "loss"]
 """
 
 
+def write_validation_set(folder: Path, n_docs: int = 30) -> Path:
+    """A small local validation set (the embedded corpus' first documents, about 3,500 tokens),
+    so a whole-set validation takes well under a second."""
+    from titan_core.data.sources import _read_embedded_corpus
+
+    path = folder / "validation.jsonl"
+    docs = _read_embedded_corpus()[:n_docs]
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    return path
+
+
+def validation_flags(path: Path, local_batch_size: int, freq: int = 4) -> list[str]:
+    """Whole-set validation of ``path`` every ``freq`` steps (and after the last), seq_len 64."""
+    return [
+        "--validation.enable", "--validation.dataset_path", str(path), "--validation.freq",
+        str(freq), "--validation.seq_len", "64", "--validation.local_batch_size",
+        str(local_batch_size),
+    ]  # fmt: skip
+
+
+def validation_records(dump: Path) -> list[dict]:
+    """The validation numbers of a run, one dict per validation."""
+    return [
+        {k: v for k, v in m.items() if k.startswith("validation_") and k != "validation_time"}
+        for m in read_metrics(dump)
+        if "validation_loss" in m
+    ]
+
+
 def read_metrics(dump: Path) -> list[dict]:
     lines = (dump / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]

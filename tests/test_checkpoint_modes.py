@@ -83,7 +83,7 @@ def test_training_goes_on_while_an_async_save_writes(tmp_path, monkeypatch, capl
 
     class Watch(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if re.match(r"step\s+3\s", record.getMessage()):
+            if re.match(r"step\s+3/", record.getMessage()):
                 step3_logged.set()
 
     slow_write = FileSystemWriter.write_data
@@ -114,7 +114,7 @@ def test_training_goes_on_while_an_async_save_writes(tmp_path, monkeypatch, capl
     messages = [r.getMessage() for r in caplog.records]
     copied = next(i for i, m in enumerate(messages) if "step-2: state copied" in m)
     complete = next(i for i, m in enumerate(messages) if "step-2 complete" in m)
-    step3 = next(i for i, m in enumerate(messages) if re.match(r"step\s+3\s", m))
+    step3 = next(i for i, m in enumerate(messages) if re.match(r"step\s+3/", m))
     assert copied < step3 < complete, messages
     assert complete_steps(ckpt_folder(dump)) == [2, 4]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import FAST, losses, run_cli
+from helpers import FAST, losses, run_cli, validation_flags, validation_records
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -35,11 +35,20 @@ GLOBAL = ["--training.global_batch_size", "8"]
     ],
     ids=["fsdp2", "fsdp4", "fsdp2-accum2", "hsdp2x2"],
 )
-def test_fsdp_matches_single_process(tmp_path, reference_losses, nproc, extra):
-    proc = run_cli([*FAST, *GLOBAL, *extra, "--job.dump_folder", str(tmp_path)], nproc=nproc)
+def test_fsdp_matches_single_process(
+    tmp_path, reference_run, reference_losses, validation_set, nproc, extra
+):
+    # validated with a local batch of 3: a whole-set validation does not depend on it
+    val = validation_flags(validation_set, local_batch_size=3)
+    proc = run_cli([*FAST, *GLOBAL, *extra, *val, "--job.dump_folder", str(tmp_path)], nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(tmp_path) == pytest.approx(reference_losses, rel=1e-5, abs=0)
-    assert proc.stderr.count("step    1 ") == 1  # only rank 0 prints
+    got, want = validation_records(tmp_path), validation_records(reference_run)
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want, strict=True):
+        assert g["validation_tokens"] == w["validation_tokens"]
+        assert g["validation_loss"] == pytest.approx(w["validation_loss"], rel=1e-5, abs=0)
+    assert proc.stderr.count("step 1/8 ") == 1  # only rank 0 prints
 
 
 def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path, reference_losses):

@@ -227,6 +227,23 @@ def test_format_console_line_shows_step_loss_and_mfu_percent():
     assert "tokens_seen" not in line
 
 
+def test_console_line_shows_progress_eta_and_validation():
+    record = {**make_record(), "total_steps": 250, "eta_s": 3725.0, "validation_loss": 5.25}
+    line = format_console_line({**record, "validation_perplexity": 190.57, "validation_time": 2})
+    assert line.startswith("step  10/250  loss  6.1235")
+    assert "eta 1h02m" in line and "val_loss  5.2500" in line and "val_ppl 190.57" in line
+    assert "total_steps" not in line and "validation_time" not in line
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(0.4, "0s"), (59.4, "59s"), (65, "1m05s"), (3599, "59m59s"), (7380, "2h03m"),
+     (2 * 86400 + 3 * 3600, "2d03h"), (float("nan"), "?")],
+)  # fmt: skip
+def test_format_duration(seconds, text):
+    assert metrics.format_duration(seconds) == text
+
+
 def test_peak_table_keys_match_the_contract():
     assert {"H100", "H200", "A100", "B200"} <= set(metrics.PEAK_BF16_FLOPS)
     assert metrics.PEAK_BF16_FLOPS["H100"] == 989.4e12

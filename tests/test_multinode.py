@@ -168,4 +168,4 @@ def test_two_torchrun_agents_train_like_one_process(tmp_path, reference_losses):
 
     # Exactly one rank in the whole job logs steps, and it is on the node that wrote the folder.
     errs = [(tmp_path / f"agent{n}.err").read_text() for n in range(NNODES)]
-    assert [e.count("step    1 ") for e in errs] == [int(d == dump) for d in dumps]
+    assert [e.count("step 1/8 ") for e in errs] == [int(d == dump) for d in dumps]

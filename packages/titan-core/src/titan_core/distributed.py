@@ -26,6 +26,11 @@ class Runtime:
         return self.rank == 0
 
 
+def as_local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a (replicated) DTensor such as a loss-parallel loss."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def runtime_from_env() -> Runtime:
     """Rank and device from torchrun's variables (a plain process is rank 0 of 1)."""
     rank = int(os.environ.get("RANK", 0))

@@ -382,9 +382,14 @@ _CONSOLE_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("tflops", "tflops", "{:.2f}"),
     ("mfu", "mfu", "{:.1%}"),
     ("memory_gib", "mem", "{:.2f}GiB"),
+    ("eta_s", "eta", "{}"),
+    ("validation_loss", "val_loss", "{:7.4f}"),
+    ("validation_perplexity", "val_ppl", "{:,.2f}"),
 )
 # Kept in metrics.jsonl but left off the console line to keep it short.
-_CONSOLE_SKIP = frozenset({"tokens_seen", "time"})
+_CONSOLE_SKIP = frozenset(
+    {"tokens_seen", "time", "total_steps", "validation_tokens", "validation_time"}
+)
 
 
 # ANSI colours of the console line's leading fields (only when stderr is a terminal).
@@ -406,13 +411,37 @@ def format_console_line(record: Mapping[str, Any], color: bool = False) -> str:
     parts = []
     for key, label, fmt in _CONSOLE_FIELDS:
         if key in record:
-            text = f"{label} {fmt.format(record[key])}"
+            text = f"{label} {_console_value(key, fmt, record)}"
             parts.append(f"{_COLORS[key]}{text}{_RESET}" if color and key in _COLORS else text)
     known = {key for key, _, _ in _CONSOLE_FIELDS} | _CONSOLE_SKIP
     for key, value in record.items():
         if key not in known and isinstance(value, int | float) and not isinstance(value, bool):
             parts.append(f"{key} {value:.4g}")
     return "  ".join(parts)
+
+
+def _console_value(key: str, fmt: str, record: Mapping[str, Any]) -> str:
+    """The step as ``step/total`` when the total is known; the ETA as ``1h02m``, ``3m05s``."""
+    if key == "step" and "total_steps" in record:
+        width = len(str(record["total_steps"]))
+        return f"{record['step']:>{width}}/{record['total_steps']}"
+    if key == "eta_s":
+        return format_duration(record[key])
+    return fmt.format(record[key])
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m05s``, ``1h02m`` or ``2d03h``; ``?`` for an unknown (NaN) duration."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = max(round(seconds), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def _plain(value: Any) -> Any:

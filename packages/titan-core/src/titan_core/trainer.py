@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ from titan_core.data import GlobalBatchLoader
 from titan_core.determinism import set_determinism
 from titan_core.distributed import (
     Runtime,
+    as_local,
     init_process_group,
     runtime_from_env,
     set_collective_timeout,
@@ -68,11 +70,6 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
-def as_local(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a (replicated) DTensor such as a loss-parallel loss."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 class Trainer(InputChecks):
     """One training job. Construction validates and builds; ``train()`` runs it."""
 
@@ -92,6 +89,7 @@ class Trainer(InputChecks):
         )
         self.metrics = self.build_metrics()
         self.step_metrics: dict[str, float] = {}  # what the spec's post-optimizer hook reports
+        self.validation_seconds = 0.0  # left out of the summary's tokens/s
         self.checkpointer = Checkpointer(
             TrainState(
                 model_parts=self.model_parts,
@@ -349,7 +347,7 @@ class Trainer(InputChecks):
         self.metrics.close()
         if self.config.checkpoint.last_save_in_hf:
             save_hf_weights(self, self.step)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - self.validation_seconds  # training time only
         steps_run = max(t.steps - first_step + 1, 1)
         tokens_per_step = t.local_batch_size * t.seq_len * self.loader.grad_accum_steps
         return {
@@ -370,9 +368,11 @@ class Trainer(InputChecks):
             lr = self.scheduler.get_last_lr()[0]
             loss, grad_norm = self.train_step(self.loader.next_batch())
             self.profiler.step(self.step)
-            if self.step == first_step and self.mesh is not None:
-                groups = self.mesh.world.get_all_groups()
-                set_collective_timeout(self.config.comm.train_timeout_seconds, groups)
+            if self.step == first_step:
+                self.first_step_done = (first_step, time.perf_counter())  # ETA's origin
+                if self.mesh is not None:
+                    groups = self.mesh.world.get_all_groups()
+                    set_collective_timeout(self.config.comm.train_timeout_seconds, groups)
             first_loss = loss if self.step == first_step else first_loss
             window_tokens += tokens_per_step
             self.checkpointer.poll()
@@ -381,11 +381,15 @@ class Trainer(InputChecks):
                 first_step,
                 t.steps,
             )
-            if due or blocked is not None:  # a save's blocking time is logged with its step
-                now = time.perf_counter()
+            now = time.perf_counter()  # the window's tokens/s leaves validation out
+            extra = {} if blocked is None else {"checkpoint_blocking_s": blocked}
+            if self.validator is not None and self.validator.due(self.step):
+                extra.update(self.validator.run(self))
+                self.validation_seconds += extra["validation_time"]
+            if due or extra:  # a save's blocking time and validation are logged with their step
                 tps = window_tokens / (now - window_start)
-                self.log_step(loss, grad_norm, lr, tps, now - start, blocked)
-                window_start, window_tokens = now, 0
+                self.log_step(loss, grad_norm, lr, tps, now - start, extra)
+                window_start, window_tokens = time.perf_counter(), 0
             signum = signals.agreed(self.runtime.device)
             if signum and self.step < t.steps:
                 self.stop_on_signal(signum, saved=blocked is not None)
@@ -422,6 +426,15 @@ class Trainer(InputChecks):
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return peak.item()
 
+    def eta_seconds(self, now: float) -> float:
+        """Time left to ``training.steps`` at the mean pace since the first step (which also
+        pays for warm-up and compilation, so it is left out); NaN until a second step ends."""
+        first, t0 = self.first_step_done
+        done, left = self.step - first, self.config.training.steps - self.step
+        if left == 0 or done == 0:
+            return 0.0 if left == 0 else math.nan
+        return (now - t0) / done * left
+
     def log_step(
         self,
         loss: float,
@@ -429,13 +442,16 @@ class Trainer(InputChecks):
         lr: float,
         tps: float,
         elapsed: float,
-        checkpoint_blocked: float | None = None,
+        extra: dict[str, float] | None = None,
     ) -> None:
+        """One metrics record: the step's numbers, progress and ETA, plus ``extra`` (a save's
+        blocking time, validation results)."""
         flops = self.flops_per_token * tps
-        extra = {} if checkpoint_blocked is None else {"checkpoint_blocking_s": checkpoint_blocked}
+        steps = self.config.training.steps
         self.metrics.log(
             {
                 "step": self.step,
+                "total_steps": steps,
                 "loss": loss,
                 "grad_norm": grad_norm,
                 "lr": lr,
@@ -445,7 +461,8 @@ class Trainer(InputChecks):
                 "memory_gib": self.peak_memory_gib(),
                 "tokens_seen": self.step * self.global_batch_size * self.config.training.seq_len,
                 "time": elapsed,
+                "eta_s": self.eta_seconds(time.perf_counter()),
                 **self.step_metrics,
-                **extra,
+                **(extra or {}),
             }
         )

@@ -28,6 +28,7 @@ from titan_core.profiling import check_profiling
 from titan_core.quantize import build_converters, warn_unused_sections
 from titan_core.run_folder import check_dump_folder
 from titan_core.train_spec import get_train_spec
+from titan_core.validate import build_validator
 
 logger = logging.getLogger("titan")
 
@@ -90,6 +91,7 @@ class InputChecks:
         self.param_dtype, _ = param_and_reduce_dtypes(c.training, self.runtime.device.type)
         # Opening the data checks the path and format now, before any process group.
         self.loader = self.build_loader()
+        self.validator = build_validator(c, self.dims, self.runtime.rank, self.tokenizer)
 
     def check_checkpoint_keys(self) -> None:
         """The [checkpoint] keys that name modes, parts and paths."""

@@ -149,6 +149,24 @@ class Training:
 
 
 @dataclass
+class Validation:
+    enable: bool = opt(False, "Measure the loss on held-out data every freq steps and at the end.")
+    dataset: str = opt(
+        "c4_validation",
+        "Validation data, named as training.dataset names it (embedded, c4_validation, ...).",
+    )
+    dataset_path: str = opt("", "Local .jsonl/.parquet/.txt file or folder; overrides dataset.")
+    local_batch_size: int = opt(8, "Validation sequences per data-parallel rank.", AT_LEAST_ONE)
+    seq_len: int = opt(
+        256, "Tokens per validation sequence (at most training.seq_len).", AT_LEAST_ONE
+    )
+    freq: int = opt(500, "Validate every N training steps (and after the last).", AT_LEAST_ONE)
+    steps: int = opt(
+        -1, "Validation batches per run; -1: the whole set (one pass over its documents)."
+    )
+
+
+@dataclass
 class Parallelism:
     data_parallel_replicate_degree: int = opt(1, "Replicas in HSDP (plain DDP-style replication).")
     data_parallel_shard_degree: int = opt(-1, "FSDP shard degree; -1: all remaining ranks.")
@@ -403,6 +421,7 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     training: Training = field(default_factory=Training)
+    validation: Validation = field(default_factory=Validation)
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)

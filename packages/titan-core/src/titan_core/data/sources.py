@@ -65,7 +65,6 @@ EMBEDDED_NAMES = ("embedded", "", "c4_test")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 # File suffix -> the `datasets` builder that reads it.
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
-_PATH_FIELD = "training.dataset_path"
 _KINDS_HINT = "pass a .jsonl, .parquet or .txt file or a folder of them"
 # A stream cannot be scanned before training: this many rows without text at its start refuse it.
 TEXT_CHECK_ROWS = 1000
@@ -78,6 +77,12 @@ class DocumentSource(Protocol):
         """Return the text of global document number ``index`` (0, 1, 2, ... forever)."""
         ...
 
+    @property
+    def pass_length(self) -> int | None:
+        """Documents in one pass over the data, once known (a stream knows it only after it
+        has wrapped around); ``None`` before."""
+        ...
+
 
 def open_documents(
     dataset: str,
@@ -86,8 +91,9 @@ def open_documents(
     owned: Callable[[int], bool] | None = None,
     *,
     streaming: bool = False,
+    section: str = "training",
 ) -> DocumentSource:
-    """Open the documents a run trains on.
+    """Open the documents a run trains (or validates) on.
 
     Args:
         dataset: ``"embedded"`` (the offline default) or ``"c4_test"`` (the same corpus),
@@ -100,6 +106,7 @@ def open_documents(
             that only those are kept while the stream skips ahead; ``None`` keeps every skipped one.
         streaming: read local files as a stream (tests use it to check the streaming path on
             local data); hub datasets always stream.
+        section: the config section whose ``dataset``/``dataset_path`` errors name.
 
     Raises:
         UserError: the path is missing, unreadable or empty, has no ``text`` column, or its
@@ -107,10 +114,10 @@ def open_documents(
             dataset cannot be reached (offline, no network, unknown name).
     """
     if dataset_path:
-        return _open_local(dataset_path, seed, owned, streaming)
+        return _open_local(dataset_path, seed, owned, streaming, f"{section}.dataset_path")
     if dataset in EMBEDDED_NAMES:
         return MapDocuments(_read_embedded_corpus(), seed)
-    return _open_hub(dataset, owned)
+    return _open_hub(dataset, owned, section)
 
 
 class MapDocuments:
@@ -141,6 +148,10 @@ class MapDocuments:
         """
         epoch, position = divmod(index, self.num_documents)
         return _as_text(self._docs[int(self._permutation(epoch)[position])])
+
+    @property
+    def pass_length(self) -> int:
+        return self.num_documents
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         perm = self._perms.get(epoch)
@@ -192,6 +203,7 @@ class StreamingDocuments:
         self._it: Iterator[dict[str, Any]] = iter(())
         self._next = 0  # global index of the document the iterator yields next
         self._epoch_start = 0  # global index of the current pass's first document
+        self._pass_length: int | None = None  # documents per pass, known after the first wrap
         self._restart(0)
         self._check_text()
 
@@ -217,6 +229,10 @@ class StreamingDocuments:
                 if self._owned(current):
                     self._cache[current] = text
 
+    @property
+    def pass_length(self) -> int | None:
+        return self._pass_length
+
     def _advance(self) -> str:
         while True:
             row = self._read_row()
@@ -224,6 +240,8 @@ class StreamingDocuments:
                 if self._next == self._epoch_start:
                     raise UserError(f"{self._name} yielded no documents; use a non-empty dataset")
                 # NOTE: a stream has no random access; the next epoch is the same order again.
+                if self._pass_length is None:
+                    self._pass_length = self._next - self._epoch_start
                 self._restart(self._next)
                 continue
             text = self._text(row)
@@ -335,11 +353,11 @@ def _read_embedded_corpus() -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
-def _local_files(dataset_path: str) -> tuple[str, list[str]]:
+def _local_files(dataset_path: str, field: str) -> tuple[str, list[str]]:
     """Return (builder name, sorted file list) for a local file or folder."""
     path = Path(dataset_path).expanduser()
     if not path.exists():
-        raise UserError(f"{_PATH_FIELD}: {path} does not exist; {_KINDS_HINT}")
+        raise UserError(f"{field}: {path} does not exist; {_KINDS_HINT}")
     if path.is_file():
         files = [path]
     else:
@@ -349,26 +367,30 @@ def _local_files(dataset_path: str) -> tuple[str, list[str]]:
             if p.is_file() and p.suffix in _BUILDERS and not p.name.startswith(".")
         )
         if not files:
-            raise UserError(f"{_PATH_FIELD}: {path} holds no data files; {_KINDS_HINT}")
+            raise UserError(f"{field}: {path} holds no data files; {_KINDS_HINT}")
     kinds = sorted({p.suffix for p in files})
     if any(kind not in _BUILDERS for kind in kinds):
-        raise UserError(f"{_PATH_FIELD}: {path} has suffix {kinds[0] or 'none'}; {_KINDS_HINT}")
+        raise UserError(f"{field}: {path} has suffix {kinds[0] or 'none'}; {_KINDS_HINT}")
     builders = {_BUILDERS[kind] for kind in kinds}
     if len(builders) > 1:
         raise UserError(
-            f"{_PATH_FIELD}: {path} mixes file kinds ({', '.join(kinds)}); "
+            f"{field}: {path} mixes file kinds ({', '.join(kinds)}); "
             "keep one kind per folder or point the field at one file"
         )
     if all(p.stat().st_size == 0 for p in files):
-        raise UserError(f"{_PATH_FIELD}: {path} is empty; add documents to it")
+        raise UserError(f"{field}: {path} is empty; add documents to it")
     return builders.pop(), [str(p) for p in files]
 
 
 def _open_local(
-    dataset_path: str, seed: int, owned: Callable[[int], bool] | None, streaming: bool
+    dataset_path: str,
+    seed: int,
+    owned: Callable[[int], bool] | None,
+    streaming: bool,
+    field: str,
 ) -> DocumentSource:
-    builder, files = _local_files(dataset_path)
-    name = f"{_PATH_FIELD}: {dataset_path}"
+    builder, files = _local_files(dataset_path, field)
+    name = f"{field}: {dataset_path}"
     # NOTE: `datasets` reads a .txt file as one row per line; an empty line separates, it is no
     # document (and would train on boundary tokens alone).
     skip_blank = builder == "text"
@@ -464,12 +486,13 @@ def _has_text(texts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     return pc.invert(blank.fill_null(True))
 
 
-def _open_hub(dataset: str, owned: Callable[[int], bool] | None) -> DocumentSource:
+def _open_hub(dataset: str, owned: Callable[[int], bool] | None, section: str) -> DocumentSource:
     repo, config, split = HUB_DATASETS.get(dataset, (dataset, None, "train"))
-    name = f"training.dataset: {dataset}"
+    name = f"{section}.dataset: {dataset}"
+    default = ", the default" if section == "training" else ""
     fix = (
-        "download it and pass its files with --training.dataset_path, or train on the embedded "
-        "corpus (--training.dataset embedded, the default)"
+        f"download it and pass its files with --{section}.dataset_path, or use the embedded "
+        f"corpus (--{section}.dataset embedded{default})"
     )
     offline = [var for var in _OFFLINE_VARS if _env_true(var)]
     if offline:  # fail now, in one line, rather than after `datasets`' own offline retries

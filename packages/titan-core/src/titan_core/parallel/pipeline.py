@@ -88,6 +88,16 @@ def schedule_class(name: str) -> type:
     return get_schedule_class(_canonical(name))
 
 
+def has_eval_path(name: str) -> bool:
+    """Whether the schedule can run forward only (validation).
+
+    NOTE: torch 2.13's V schedules (ZBVZeroBubble, DualPipeV) fail in ``schedule.eval()``
+    ("can't steal_bwd_input if this stage doesn't have backward"): their action lists assume
+    a backward for every forward.
+    """
+    return _canonical(name) not in _V_STYLE
+
+
 def stages_per_rank(name: str) -> int:
     """How many stages each pipeline rank holds under schedule ``name``: 1 or 2.
 
@@ -331,6 +341,26 @@ class Pipeline:
             return torch.zeros((), device=inputs.device)
         # Each entry is loss_i * loss_scale / n, so their sum over loss_scale is the mean.
         return (torch.stack(losses).sum() / loss_scale).detach()
+
+    def eval_losses(self, inputs: Tensor, labels: Tensor) -> list[Tensor]:
+        """Forward only (the schedule's eval path): each microbatch's own mean loss.
+
+        Args:
+            inputs: token ids (B, S) in the shape training uses (the stages' buffers are sized
+                by the first step); only the first stage reads them.
+            labels: target ids (B, S); only the last stage reads them.
+
+        Returns:
+            One detached loss per microbatch, in order, on the rank holding the last stage;
+            an empty list elsewhere.
+        """
+        # loss_fn x loss_scale / n is the schedule's entry: a scale of n leaves each mean as is
+        self.loss.loss_scale = float(self.loss.n_microbatches)
+        losses: list[Tensor] = []
+        args = (inputs,) if self.has_first_stage else ()
+        target = labels if self.has_last_stage else None
+        self.schedule.eval(*args, target=target, losses=losses, return_outputs=False)
+        return [loss.detach() for loss in losses] if self.has_last_stage else []
 
 
 def build_pipeline(
