@@ -288,3 +288,16 @@ def test_tp_styles_are_float8_only_on_cuda_tensorwise():
     on_cpu = converters.adapt_tp_plan(block, model, c, "cpu")
     assert type(on_cpu["attention.wq"]) is ColwiseParallel
     assert type(on_cpu["attention.wo"]) is RowwiseParallel
+
+
+def test_float8_on_cpu_without_emulate_warns_about_the_reference_kernel(caplog):
+    from titan_core.quantize.float8 import Float8LinearConverter
+
+    with caplog.at_level(logging.WARNING, logger="titan"):
+        Float8LinearConverter(build_config(["--model.converters", "float8"]), torch.device("cpu"))
+    (record,) = caplog.records
+    assert "without emulate" in record.getMessage() and "emulate = true" in record.getMessage()
+    caplog.clear()
+    c = build_config(["--model.converters", "float8", "--quantize.linear.float8.emulate"])
+    Float8LinearConverter(c, torch.device("cpu"))
+    assert not caplog.records

@@ -9,6 +9,7 @@ so checkpoints have the same keys and dtypes with or without this converter.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from titan_core.quantize.linear_filter import LinearFilter
 from titan_core.quantize.torchao_support import import_torchao, quiet_torchao, require_capability
 
 NAME = "quantize.linear.float8"
+logger = logging.getLogger("titan")
 
 
 class Float8LinearConverter(ModelConverter):
@@ -49,6 +51,14 @@ class Float8LinearConverter(ModelConverter):
         if not cfg.emulate:
             require_capability(
                 device, (8, 9), NAME, "use an H100/L40/Ada or newer, or set emulate = true"
+            )
+        if not cfg.emulate and device.type == "cpu":
+            # NOTE: measured on a 2-core Intel Xeon VM (torch 2.13): oneDNN ran its reference
+            # float8 matmul, and llama3 debugmodel's first step had not ended after 2 minutes.
+            logger.warning(
+                "%s on CPU without emulate: torch._scaled_mm may run oneDNN's reference float8 "
+                "kernel, far slower than fp32; set quantize.linear.float8.emulate = true",
+                NAME,
             )
         self.torchao = import_torchao("torchao.float8", NAME)
 
