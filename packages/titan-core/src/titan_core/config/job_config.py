@@ -67,7 +67,7 @@ class Job:
     print_config: bool = opt(
         False, "Log the resolved config (the TOML saved as config.toml) at start, rank 0 only."
     )
-    description: str = opt("titan debug run", "Free text describing the run, saved with it.")
+    description: str = opt("default job", "Free text describing the run, saved with it.")
 
 
 @dataclass
@@ -160,7 +160,7 @@ class Validation:
     seq_len: int = opt(
         256, "Tokens per validation sequence (at most training.seq_len).", AT_LEAST_ONE
     )
-    freq: int = opt(500, "Validate every N training steps (and after the last).", AT_LEAST_ONE)
+    freq: int = opt(10, "Validate every N training steps (and after the last).", AT_LEAST_ONE)
     steps: int = opt(
         -1, "Validation batches per run; -1: the whole set (one pass over its documents)."
     )
