@@ -180,19 +180,21 @@ def test_dcp_to_hf_round_trip_is_bit_identical(hf_model, tmp_path):
         assert torch.equal(reloaded.eval()(tokens()).logits, reference(tokens()).logits)
 
 
-def test_bfloat16_weights_round_trip_exactly(tmp_path):
-    reference = random_llama(llama_config(**CASES["gqa-llama31-tied"]), seed=3).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_weights_round_trip_exactly(tmp_path, dtype):
+    half = getattr(torch, dtype)
+    reference = random_llama(llama_config(**CASES["gqa-llama31-tied"]), seed=3).to(half)
     reference.save_pretrained(tmp_path / "hf")
     assert convert("hf-to-dcp", tmp_path / "hf", tmp_path / "dcp") == 0  # float32: exact
-    argv = ["dcp-to-hf", tmp_path / "dcp", tmp_path / "out", "--export-dtype", "bfloat16"]
+    argv = ["dcp-to-hf", tmp_path / "dcp", tmp_path / "out", "--export-dtype", dtype]
     assert convert(*argv) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
+    assert config["torch_dtype"] == config["dtype"] == dtype
     original = load_file(tmp_path / "hf" / "model.safetensors")
     exported = load_file(tmp_path / "out" / "model-00001-of-00001.safetensors")
     assert exported.keys() == original.keys()
     for key, tensor in original.items():
-        assert tensor.dtype == torch.bfloat16 and torch.equal(exported[key], tensor), key
+        assert tensor.dtype == half and torch.equal(exported[key], tensor), key
 
 
 def test_verify_passes_on_good_weights_and_fails_on_a_layout_bug(hf_model, capsys, monkeypatch):

@@ -21,7 +21,7 @@ from typing import Any
 
 from titan_core.errors import UserError
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _parser() -> argparse.ArgumentParser:
