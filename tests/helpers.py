@@ -74,9 +74,13 @@ def losses(dump: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(dump)]
 
 
-def run_cli(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run titan-train in a subprocess, under torchrun when nproc > 1."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", "PYTHONUNBUFFERED": "1"}
+def run_cli(
+    args: list[str], nproc: int = 1, timeout: int = 600, threads: int | None = None
+) -> subprocess.CompletedProcess:
+    """Run titan-train in a subprocess, under torchrun when nproc > 1, with ``threads`` threads
+    per process (default: 1 under torchrun, 2 alone)."""
+    threads = threads or (1 if nproc > 1 else 2)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     if nproc > 1:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
