@@ -29,6 +29,7 @@ from titan_core.data.sources import DocumentSource, open_documents
 from titan_core.data.tokenizer import DocumentTokens, Tokenizer
 from titan_core.distributed import as_local
 from titan_core.errors import UserError
+from titan_core.parallel.dims import check_seq_len
 from titan_core.parallel.pipeline import has_eval_path
 
 logger = logging.getLogger("titan")
@@ -219,16 +220,7 @@ def check_validation(config: Any, dims: Any) -> None:
             f"validation.seq_len={v.seq_len} exceeds training.seq_len={t.seq_len}, the longest "
             f"sequence the model is built for; set it to at most {t.seq_len}"
         )
-    if dims.cp > 1 and v.seq_len % (2 * dims.cp * dims.tp):
-        raise UserError(
-            f"validation.seq_len={v.seq_len} must be divisible by 2 x context_parallel_degree x "
-            f"tensor_parallel_degree = {2 * dims.cp * dims.tp} (load-balanced chunks)"
-        )
-    if dims.tp > 1 and v.seq_len % dims.tp:
-        raise UserError(
-            f"validation.seq_len={v.seq_len} must be divisible by tensor_parallel_degree="
-            f"{dims.tp} (sequence parallel shards it)"
-        )
+    check_seq_len("validation.seq_len", v.seq_len, dims)
     schedule = config.parallelism.pipeline_parallel_schedule
     if dims.pp > 1 and not has_eval_path(schedule):
         raise UserError(

@@ -275,16 +275,7 @@ def validate_layout(dims: ParallelDims, config: JobConfig, model_args: Any) -> N
                 f"parallelism.tensor_parallel_degree={dims.tp} does not divide the model's "
                 f"{attr}={heads} ({config.model.name} {config.model.flavor}); pick a divisor"
             )
-    if dims.cp > 1 and t.seq_len % (2 * dims.cp * dims.tp):
-        raise UserError(
-            f"training.seq_len={t.seq_len} must be divisible by 2 x context_parallel_degree x "
-            f"tensor_parallel_degree = {2 * dims.cp * dims.tp} (load-balanced chunks); change it"
-        )
-    if dims.tp > 1 and t.seq_len % dims.tp:
-        raise UserError(
-            f"training.seq_len={t.seq_len} must be divisible by tensor_parallel_degree={dims.tp} "
-            "(sequence parallel shards it)"
-        )
+    check_seq_len("training.seq_len", t.seq_len, dims)
     if dims.pp > 1 and t.local_batch_size % p.pipeline_parallel_microbatch_size:
         raise UserError(
             f"parallelism.pipeline_parallel_microbatch_size={p.pipeline_parallel_microbatch_size}"
@@ -294,4 +285,24 @@ def validate_layout(dims: ParallelDims, config: JobConfig, model_args: Any) -> N
         raise UserError(
             "parallelism.enable_async_tensor_parallel needs tensor_parallel_degree > 1 and "
             "--compile.enable (its overlap is a compiler pass)"
+        )
+
+
+def check_seq_len(key: str, seq_len: int, dims: ParallelDims) -> None:
+    """A sequence length the layout can cut: CP's load-balanced chunks, SP's shards.
+
+    Args:
+        key: the config key that holds it (``training.seq_len``, ``validation.seq_len``).
+        seq_len: its value.
+        dims: the parallel degrees.
+    """
+    if dims.cp > 1 and seq_len % (2 * dims.cp * dims.tp):
+        raise UserError(
+            f"{key}={seq_len} must be divisible by 2 x context_parallel_degree x "
+            f"tensor_parallel_degree = {2 * dims.cp * dims.tp} (load-balanced chunks); change it"
+        )
+    if dims.tp > 1 and seq_len % dims.tp:
+        raise UserError(
+            f"{key}={seq_len} must be divisible by tensor_parallel_degree={dims.tp} "
+            "(sequence parallel shards it)"
         )
