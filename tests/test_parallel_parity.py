@@ -65,13 +65,12 @@ for name in ("Interleaved1F1B", "ZBVZeroBubble", "DualPipeV"):
     ]  # fmt: skip
 
 
-def run_layout(tmp_path, extra: list[str], nproc: int = 4, validate: Path | None = None):
-    """Train under a layout; with ``validate``, also validate on that set (with the layout's
-    own local batch size, which a whole-set validation does not depend on)."""
+def run_layout(tmp_path, extra: list[str], validate: Path, nproc: int = 4):
+    """Train under a layout and validate on ``validate`` (with the layout's own local batch
+    size, which a whole-set validation does not depend on)."""
     args = [*FAST, "--training.global_batch_size", "8", *extra, "--job.dump_folder", str(tmp_path)]
-    if validate is not None:
-        lbs = int(extra[extra.index("--training.local_batch_size") + 1])
-        args += validation_flags(validate, local_batch_size=lbs)
+    lbs = int(extra[extra.index("--training.local_batch_size") + 1])
+    args += validation_flags(validate, local_batch_size=lbs)
     proc = run_cli(args, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return losses(tmp_path)
@@ -85,20 +84,17 @@ def grad_norms(dump) -> list[float]:
 def test_layout_matches_single_process(
     tmp_path, reference_run, reference_losses, validation_set, extra
 ):
-    # NOTE: torch's V schedules have no forward-only path; titan refuses validation with them.
-    v_schedule = any(name in extra for name in ("ZBVZeroBubble", "DualPipeV"))
-    validate = None if v_schedule else validation_set
-    assert run_layout(tmp_path, extra, validate=validate) == pytest.approx(
+    assert run_layout(tmp_path, extra, validate=validation_set) == pytest.approx(
         reference_losses, rel=1e-5, abs=0
     )
     # The gradient norm (what clipping scales by) is the same under every layout too.
     assert grad_norms(tmp_path) == pytest.approx(grad_norms(reference_run), rel=1e-5, abs=0)
-    if validate is not None:  # validation: the same loss, perplexity and token count
-        got, want = validation_records(tmp_path), validation_records(reference_run)
-        assert [r["validation_tokens"] for r in got] == [r["validation_tokens"] for r in want]
-        assert len(want) == 2 and want[1]["validation_loss"] < want[0]["validation_loss"]
-        for g, w in zip(got, want, strict=True):
-            assert g["validation_loss"] == pytest.approx(w["validation_loss"], rel=1e-5, abs=0)
-            assert g["validation_perplexity"] == pytest.approx(
-                w["validation_perplexity"], rel=1e-5, abs=0
-            )
+    # validation: the same loss, perplexity and token count
+    got, want = validation_records(tmp_path), validation_records(reference_run)
+    assert [r["validation_tokens"] for r in got] == [r["validation_tokens"] for r in want]
+    assert len(want) == 2 and want[1]["validation_loss"] < want[0]["validation_loss"]
+    for g, w in zip(got, want, strict=True):
+        assert g["validation_loss"] == pytest.approx(w["validation_loss"], rel=1e-5, abs=0)
+        assert g["validation_perplexity"] == pytest.approx(
+            w["validation_perplexity"], rel=1e-5, abs=0
+        )

@@ -125,19 +125,13 @@ def test_a_run_logs_validation_to_the_console_jsonl_and_tensorboard(valid_path, 
         (["--validation.steps", "0"], 1, ["validation.steps=0", "-1"]),
         (
             ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "4",
-             "--parallelism.pipeline_parallel_schedule", "DualPipeV"],
-            2,
-            ["validation.enable", "DualPipeV", "1F1B"],
-        ),
-        (
-            ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "4",
              "--validation.local_batch_size", "2"],
             2,
             ["validation.local_batch_size=2", "training's (4 and 64)"],
         ),
         (["--validation.dataset_path", "/nonexistent/v.jsonl"], 1, ["validation.dataset_path"]),
     ],
-    ids=["longer-than-training", "zero-steps", "v-schedule", "pp-shape", "missing-path"],
+    ids=["longer-than-training", "zero-steps", "pp-shape", "missing-path"],
 )  # fmt: skip
 def test_bad_validation_settings_are_refused_in_one_line(
     valid_path, tmp_path, monkeypatch, capsys, extra, world, needles

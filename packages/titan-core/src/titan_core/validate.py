@@ -30,7 +30,6 @@ from titan_core.data.tokenizer import DocumentTokens, Tokenizer
 from titan_core.distributed import as_local
 from titan_core.errors import UserError
 from titan_core.parallel.dims import check_seq_len
-from titan_core.parallel.pipeline import has_eval_path
 
 logger = logging.getLogger("titan")
 
@@ -221,13 +220,6 @@ def check_validation(config: Any, dims: Any) -> None:
             f"sequence the model is built for; set it to at most {t.seq_len}"
         )
     check_seq_len("validation.seq_len", v.seq_len, dims)
-    schedule = config.parallelism.pipeline_parallel_schedule
-    if dims.pp > 1 and not has_eval_path(schedule):
-        raise UserError(
-            f"validation.enable: pipeline schedule {schedule} has no forward-only path in torch "
-            "(it pairs every forward with a backward); validate with 1F1B, GPipe, "
-            "Interleaved1F1B, LoopedBFS or InterleavedZeroBubble, or disable validation"
-        )
     if dims.pp > 1 and (v.seq_len, v.local_batch_size) != (t.seq_len, t.local_batch_size):
         # NOTE: torch's pipeline stages size their send/receive buffers on the first step.
         raise UserError(

@@ -28,6 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from titan_core.errors import UserError
 from titan_core.models.moe import MoE
+from titan_core.parallel.pipeline_eval import stagewise_eval_losses
 
 _WANTED = (
     "GPipe",
@@ -89,11 +90,11 @@ def schedule_class(name: str) -> type:
 
 
 def has_eval_path(name: str) -> bool:
-    """Whether the schedule can run forward only (validation).
+    """Whether torch's schedule can run forward only (``schedule.eval()``).
 
-    NOTE: torch 2.13's V schedules (ZBVZeroBubble, DualPipeV) fail in ``schedule.eval()``
-    ("can't steal_bwd_input if this stage doesn't have backward"): their action lists assume
-    a backward for every forward.
+    NOTE: torch 2.13's V schedules (ZBVZeroBubble, DualPipeV) fail there ("can't
+    steal_bwd_input if this stage doesn't have backward"): their action lists assume a backward
+    for every forward. :mod:`titan_core.parallel.pipeline_eval` runs their stages instead.
     """
     return _canonical(name) not in _V_STYLE
 
@@ -303,6 +304,9 @@ class Pipeline:
         has_first_stage: this rank feeds the token ids.
         has_last_stage: this rank computes the loss.
         loss: the scaled loss the schedule calls (see :class:`MicrobatchLoss`).
+        placement: stage id -> the pipeline rank holding it, for every stage.
+        group: the pipeline process group.
+        schedule_evaluates: the schedule can run forward only (see :func:`has_eval_path`).
     """
 
     schedule: Any
@@ -311,6 +315,9 @@ class Pipeline:
     has_first_stage: bool
     has_last_stage: bool
     loss: MicrobatchLoss = field(repr=False)
+    placement: dict[int, int] = field(default_factory=dict)
+    group: Any = None
+    schedule_evaluates: bool = True
 
     def step(self, inputs: Tensor, labels: Tensor, loss_scale: float = 1.0) -> Tensor:
         """Forward and backward of one local batch, split into the schedule's microbatches.
@@ -354,6 +361,12 @@ class Pipeline:
             One detached loss per microbatch, in order, on the rank holding the last stage;
             an empty list elsewhere.
         """
+        if not self.schedule_evaluates:  # the V schedules: stage by stage, outside torch's
+            parts = dict(zip(self.stage_ids, self.model_parts, strict=True))
+            return stagewise_eval_losses(
+                parts, self.placement, self.group, inputs, labels, self.loss.loss_fn,
+                self.loss.n_microbatches,
+            )  # fmt: skip
         # loss_fn x loss_scale / n is the schedule's entry: a scale of n leaves each mean as is
         self.loss.loss_scale = float(self.loss.n_microbatches)
         losses: list[Tensor] = []
@@ -423,6 +436,9 @@ def build_pipeline(
         has_first_stage=0 in ids,
         has_last_stage=n_stages - 1 in ids,
         loss=loss,
+        placement={sid: r for r in range(pp) for sid in stage_ids(name, pp, r)},
+        group=pp_mesh.get_group(),
+        schedule_evaluates=has_eval_path(name),
     )
 
 
