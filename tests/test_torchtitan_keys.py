@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from helpers import FAST, run_cli
+from helpers import FAST, read_metrics, run_cli
 from titan_convert.cli import main as convert_main
 from titan_core import load_pretrained
 from titan_core.config import build_config
@@ -103,3 +103,23 @@ def test_titan_convert_version(capsys):
     assert exit_info.value.code == 0
     expected = f"titan-convert {importlib.metadata.version('titan-convert')}"
     assert capsys.readouterr().out.strip() == expected
+
+
+def test_moe_force_load_balance_routes_round_robin(tmp_path):
+    """debug.moe_force_load_balance: every expert gets the same number of tokens (the load
+    metric is exactly 1), where score routing is uneven; a dense model refuses the key."""
+    from titan_core.models.moe.router import round_robin_experts
+
+    experts = round_robin_experts(5, 3, 4, torch.device("cpu"))
+    assert experts.tolist() == [[0, 1, 2], [3, 0, 1], [2, 3, 0], [1, 2, 3], [0, 1, 2]]
+    moe = ["--model.name", "qwen3", "--model.flavor", "debugmodel_moe"]
+    loads = {}
+    for name, extra in (("scores", []), ("forced", ["--debug.moe_force_load_balance"])):
+        dump = tmp_path / name
+        proc = run_cli([*SHORT, *moe, *extra, "--job.dump_folder", str(dump)])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        loads[name] = [m["moe_load_max_over_mean"] for m in read_metrics(dump)]
+    assert loads["forced"] == [1.0, 1.0] and all(x > 1.0 for x in loads["scores"])
+    proc = run_cli([*SHORT, "--debug.moe_force_load_balance", "--job.dump_folder", str(tmp_path)])
+    assert proc.returncode == 2 and "debug.moe_force_load_balance" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

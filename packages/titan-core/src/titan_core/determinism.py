@@ -1,4 +1,5 @@
-"""``[debug]`` (torchtitan's spelling) folded into ``[training]``, and determinism switched on.
+"""``[debug]`` (torchtitan's spelling) folded into ``[training]`` and the MoE args, and
+determinism switched on.
 
 After :func:`resolve_debug` the rest of titan reads ``training.seed`` and
 ``training.deterministic`` only.
@@ -6,6 +7,7 @@ After :func:`resolve_debug` the rest of titan reads ``training.seed`` and
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -35,3 +37,16 @@ def set_determinism(config: Any) -> None:
     ``debug.deterministic_warn_only``."""
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=config.debug.deterministic_warn_only)
+
+
+def apply_moe_debug(model_args: Any, config: Any) -> Any:
+    """``debug.moe_force_load_balance`` set on the model's MoE args (refused without experts)."""
+    if not config.debug.moe_force_load_balance:
+        return model_args
+    moe = getattr(model_args, "moe", None)
+    if moe is None:
+        raise UserError(
+            f"debug.moe_force_load_balance: {config.model.name} {config.model.flavor} has no "
+            "experts to balance; turn it off or pick an MoE flavor"
+        )
+    return dataclasses.replace(model_args, moe=dataclasses.replace(moe, force_load_balance=True))

@@ -15,7 +15,7 @@ from titan_core.checkpoint import LOADABLE_PARTS, check_initial_source, resume_c
 from titan_core.checkpoint_safety import check_resume_source
 from titan_core.config import JobConfig
 from titan_core.data import Tokenizer, load_tokenizer
-from titan_core.determinism import resolve_debug
+from titan_core.determinism import apply_moe_debug, resolve_debug
 from titan_core.distributed import Runtime
 from titan_core.errors import UserError
 from titan_core.hf_load import check_hf_source, hf_model_args
@@ -50,6 +50,7 @@ class InputChecks:
         self.model_args = resolve_model_args(self.spec, c)
         if c.checkpoint.initial_load_in_hf:
             self.model_args = self.hf_model_args()
+        self.model_args = apply_moe_debug(self.model_args, c)
         self.dims = ParallelDims.from_config(c.parallelism, self.runtime.world_size)
         check_supported(self.dims)
         validate_layout(self.dims, c, self.model_args)

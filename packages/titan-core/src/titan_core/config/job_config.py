@@ -402,6 +402,11 @@ class Debug:
     deterministic_warn_only: bool = opt(
         False, "Deterministic algorithms, warning (not failing) on ops that have none."
     )
+    moe_force_load_balance: bool = opt(
+        False,
+        "MoE models: route tokens to experts round-robin, not by score (perfect balance, for "
+        "benchmarks and debugging).",
+    )
 
 
 @dataclass

@@ -29,6 +29,9 @@ class MoEArgs:
             (Qwen3-MoE's ``router_aux_loss_coef``); 0 for none.
         use_grouped_mm: run the experts as one ``torch._grouped_mm`` where the device and dtype
             allow it (fp32 on CPU, bf16 on CUDA), else as a loop over experts.
+        force_load_balance: debugging: token ``i``'s ``k``-th slot goes to expert
+            ``(i * top_k + k) % num_experts`` whatever the scores (torchtitan's
+            ``debug.moe_force_load_balance``); the weights are still the chosen experts' scores.
     """
 
     num_experts: int
@@ -44,6 +47,7 @@ class MoEArgs:
     load_balance_coeff: float | None = None
     aux_loss_coef: float = 0.0
     use_grouped_mm: bool = True
+    force_load_balance: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "hidden_dim", "n_group", "topk_group"):

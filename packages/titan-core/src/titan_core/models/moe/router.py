@@ -45,6 +45,12 @@ def limit_to_top_groups(choice: torch.Tensor, n_group: int, topk_group: int) -> 
     return groups.masked_fill(~mask.unsqueeze(-1), float("-inf")).flatten(1)
 
 
+def round_robin_experts(n: int, top_k: int, num_experts: int, device: torch.device) -> torch.Tensor:
+    """(N, K) experts dealt out in turn: slot ``k`` of token ``i`` gets ``(i K + k) % E``."""
+    slots = torch.arange(n * top_k, device=device)
+    return (slots % num_experts).view(n, top_k)
+
+
 class TokenChoiceRouter(nn.Module):
     """Scores every expert for every token and picks each token's ``top_k``.
 
@@ -73,7 +79,10 @@ class TokenChoiceRouter(nn.Module):
         choice = scores if expert_bias is None else scores + expert_bias
         if args.n_group > 1:
             choice = limit_to_top_groups(choice, args.n_group, args.topk_group)
-        experts = choice.topk(args.top_k, dim=-1).indices  # (N, K)
+        if args.force_load_balance:
+            experts = round_robin_experts(x.shape[0], args.top_k, args.num_experts, x.device)
+        else:
+            experts = choice.topk(args.top_k, dim=-1).indices  # (N, K)
         weights = scores.gather(1, experts)
         if args.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
