@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import FAST, run_cli
 
 PROFILE = [
@@ -21,6 +23,18 @@ def test_a_profiled_run_writes_a_chrome_trace_per_window(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     trace = dump / "profile_traces" / "iteration_2" / "rank0_trace.json"
     assert "traceEvents" in json.loads(trace.read_text())
+
+
+@pytest.mark.distributed
+def test_every_rank_writes_its_own_trace(tmp_path):
+    dump = tmp_path / "run"
+    proc = run_cli(
+        [*PROFILE, "--training.local_batch_size", "4", "--job.dump_folder", str(dump)], 2
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for rank in (0, 1):
+        trace = dump / "profile_traces" / "iteration_2" / f"rank{rank}_trace.json"
+        assert "traceEvents" in json.loads(trace.read_text())
 
 
 def test_memory_snapshots_on_cpu_are_a_notice_not_an_error(tmp_path):
