@@ -179,50 +179,67 @@ steps = 10
 dataset = "c4_validation"
 """
 
-LLAMA3_8B = """
+
+def _llama3(
+    flavor: str,
+    *,
+    steps: int,
+    local_batch: int,
+    lr: str,
+    warmup: int,
+    ac: str,
+    tp: int = 1,
+    big: bool = False,
+) -> str:
+    """torchtitan's llama3 8B/70B/405B key set; ``big`` is the 405B's Float8 + async TP +
+    compile variant."""
+    ac_keys = 'mode = "selective"\nselective_ac_option = "op"' if ac == "op" else 'mode = "full"'
+    on = "true" if big else "false"
+    return f"""
 [job]
-description = "Llama 3 8B training"
+description = "Llama 3 {flavor} training"
 dump_folder = "./outputs"
 
 [model]
 name = "llama3"
-flavor = "8B"
-hf_assets_path = "./assets/hf/Llama-3.1-8B"
+flavor = "{flavor}"
+hf_assets_path = "./assets/hf/Llama-3.1-{flavor}"
+{'converters = ["float8"]' if big else ""}
 
 [training]
 dataset = "c4"
-steps = 1000
+steps = {steps}
 seq_len = 8192
-local_batch_size = 1
+local_batch_size = {local_batch}
 max_norm = 1.0
 
 [parallelism]
 data_parallel_replicate_degree = 1
 data_parallel_shard_degree = -1
-tensor_parallel_degree = 1
+tensor_parallel_degree = {tp}
+{"enable_async_tensor_parallel = true" if big else ""}
 context_parallel_degree = 1
 pipeline_parallel_degree = 1
 
 [optimizer]
 name = "AdamW"
-lr = 3e-4
+lr = {lr}
 eps = 1e-8
 
 [lr_scheduler]
-warmup_steps = 200
+warmup_steps = {warmup}
 
 [activation_checkpoint]
-mode = "selective"
-selective_ac_option = "op"
+{ac_keys}
 
 [compile]
-enable = false
+enable = {on}
 components = ["model", "loss"]
 
 [quantize.linear.float8]
 filter_fqns = ["output"]
-enable_fsdp_float8_all_gather = false
-precompute_float8_dynamic_scale_for_fsdp = false
+enable_fsdp_float8_all_gather = {on}
+precompute_float8_dynamic_scale_for_fsdp = {on}
 
 [checkpoint]
 enable = false
@@ -249,145 +266,12 @@ freq = 500
 steps = 1200
 """
 
-LLAMA3_70B = """
-[job]
-description = "Llama 3 70B training"
-dump_folder = "./outputs"
 
-[model]
-name = "llama3"
-flavor = "70B"
-hf_assets_path = "./assets/hf/Llama-3.1-70B"
-
-[training]
-dataset = "c4"
-steps = 1000
-seq_len = 8192
-local_batch_size = 8
-max_norm = 1.0
-
-[parallelism]
-tensor_parallel_degree = 8
-data_parallel_replicate_degree = 1
-data_parallel_shard_degree = -1
-context_parallel_degree = 1
-pipeline_parallel_degree = 1
-
-[optimizer]
-name = "AdamW"
-lr = 1.5e-4
-eps = 1e-8
-
-[lr_scheduler]
-warmup_steps = 200
-
-[activation_checkpoint]
-mode = "full"
-
-[compile]
-enable = false
-components = ["model", "loss"]
-
-[quantize.linear.float8]
-filter_fqns = ["output"]
-enable_fsdp_float8_all_gather = false
-precompute_float8_dynamic_scale_for_fsdp = false
-
-[checkpoint]
-enable = false
-folder = "checkpoint"
-interval = 500
-last_save_model_only = true
-export_dtype = "float32"
-async_mode = "disabled"
-
-[metrics]
-log_freq = 10
-enable_tensorboard = true
-save_tb_folder = "tb"
-
-[profiling]
-enable_profiling = true
-profile_freq = 100
-save_traces_folder = "profile_trace"
-
-[validation]
-enable = false
-dataset = "c4_validation"
-freq = 500
-steps = 1200
-"""
-
-LLAMA3_405B = """
-[job]
-description = "Llama 3 405B training"
-dump_folder = "./outputs"
-
-[model]
-name = "llama3"
-flavor = "405B"
-hf_assets_path = "./assets/hf/Llama-3.1-405B"
-converters = ["float8"]
-
-[training]
-dataset = "c4"
-steps = 3000
-seq_len = 8192
-local_batch_size = 2
-max_norm = 1.0
-
-[parallelism]
-tensor_parallel_degree = 8
-enable_async_tensor_parallel = true
-data_parallel_replicate_degree = 1
-data_parallel_shard_degree = -1
-context_parallel_degree = 1
-pipeline_parallel_degree = 1
-
-[optimizer]
-name = "AdamW"
-lr = 8e-5
-eps = 1e-8
-
-[lr_scheduler]
-warmup_steps = 600
-
-[activation_checkpoint]
-mode = "full"
-
-[compile]
-enable = true
-components = ["model", "loss"]
-
-[quantize.linear.float8]
-filter_fqns = ["output"]
-enable_fsdp_float8_all_gather = true
-precompute_float8_dynamic_scale_for_fsdp = true
-
-[checkpoint]
-enable = false
-folder = "checkpoint"
-interval = 500
-last_save_model_only = true
-export_dtype = "float32"
-async_mode = "disabled"
-
-[metrics]
-log_freq = 10
-enable_tensorboard = true
-save_tb_folder = "tb"
-
-[profiling]
-enable_profiling = true
-profile_freq = 100
-save_traces_folder = "profile_trace"
-
-[validation]
-enable = false
-dataset = "c4_validation"
-freq = 500
-steps = 1200
-"""
+LLAMA3_8B = _llama3("8B", steps=1000, local_batch=1, lr="3e-4", warmup=200, ac="op")
+LLAMA3_70B = _llama3("70B", steps=1000, local_batch=8, lr="1.5e-4", warmup=200, ac="full", tp=8)
+LLAMA3_405B = _llama3(
+    "405B", steps=3000, local_batch=2, lr="8e-5", warmup=600, ac="full", tp=8, big=True
+)
 
 
 def _qwen3_dense(
