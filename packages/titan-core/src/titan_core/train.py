@@ -78,6 +78,9 @@ def run(argv: list[str]) -> dict | None:
     return summary
 
 
+REPORT_GRACE_S = 20.0  # how long other ranks wait for rank 0 to report bad input
+
+
 def report(message: str) -> None:
     """Print a run-ending message once per job: on rank 0, and for torchrun's failure summary.
 
@@ -114,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         from titan_core.distributed import exit_now
+
+        if code == 2 and int(os.environ.get("RANK", 0)) != 0:
+            # NOTE: every rank finds the same bad input, but under load another rank may get
+            # there first; torchrun then stops rank 0 before it prints the one line (seen in a
+            # clean-clone CI run). The others leave rank 0 time to report and exit first.
+            time.sleep(REPORT_GRACE_S)
 
         exit_now(code)  # every file is closed; skip the teardown that races gloo's threads
     return code
