@@ -170,13 +170,15 @@ class YarnRoPE(RoPE):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of ``x`` (B, S, H, D) by the angles of its positions.
 
-    ``cos``/``sin`` are (S', D/2) tables with S' >= S; position ``s`` of ``x`` uses row ``s``.
+    ``cos``/``sin`` are (S', D/2) tables with S' >= S, position ``s`` of ``x`` using row ``s``;
+    or (B, S', D/2), one table per row (decoding, where each row has its own positions).
     """
     seq_len = x.shape[1]
-    cos, sin = cos[:seq_len], sin[:seq_len]
+    if cos.dim() == 3:
+        cos, sin = cos[:, :seq_len, None, :], sin[:, :seq_len, None, :]  # (B, S, 1, D/2)
+    else:
+        cos, sin = cos[None, :seq_len, None, :], sin[None, :seq_len, None, :]  # (1, S, 1, D/2)
     x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
     x1, x2 = x_pairs[..., 0], x_pairs[..., 1]
-    cos = cos[None, :, None, :]  # (1, S, 1, D/2)
-    sin = sin[None, :, None, :]
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)

@@ -122,6 +122,12 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] > self.args.max_seq_len:
+            raise ValueError(
+                f"the input holds {tokens.shape[1]} positions but this model has "
+                f"{self.args.max_seq_len} (max_seq_len, HF max_position_embeddings); pass at "
+                f"most {self.args.max_seq_len} tokens per sequence, e.g. in windows"
+            )
         # NOTE: the tables cover the whole training sequence and attention takes the rows it
         # needs: under sequence parallel, a block's input (and a pipeline stage's) holds only
         # this rank's slice of the sequence, while attention sees all of it.
