@@ -4,7 +4,8 @@ The lowest layer of checkpoint code, imported by everything that opens a checkpo
 Checkpointer, the HF export, ``load_pretrained``, titan-convert) and importing none of them:
 
 - ``<folder>/step-N/``: DCP shards, ``.metadata`` (read only through
-  :mod:`titan_core.checkpoint_safety`) and ``titan.json`` (what the checkpoint is);
+  :mod:`titan_core.checkpoint_safety`), ``titan.json`` (what the checkpoint is) and
+  ``tokenizer/`` (the files of the tokenizer the run used, so the checkpoint is enough to run);
 - the model args ``titan.json`` stores, rebuilt as the family's args dataclass.
 """
 
@@ -25,6 +26,10 @@ from titan_core.train_spec import TrainSpec
 
 METADATA_FILE = ".metadata"
 META_FILE = "titan.json"
+TOKENIZER_DIR = "tokenizer"
+TOKEN_IDS = "tokenizer_ids"
+"""``titan.json`` key: the run's tokenizer as config.json spells it (``bos_token_id``,
+``eos_token_id``, ``pad_token_id``, ``vocab_size``)."""
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

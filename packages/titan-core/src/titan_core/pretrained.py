@@ -1,4 +1,5 @@
-"""``load_pretrained``: a trained model from a titan checkpoint or an HF folder, for inference."""
+"""``load_pretrained``: a trained model from a titan checkpoint or an HF folder, for inference;
+``load_pretrained_tokenizer``: the tokenizer it was trained with."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from torch import nn
 
 from titan_core.checkpoint_files import (
     META_FILE,
+    TOKEN_IDS,
+    TOKENIZER_DIR,
     complete_steps,
     model_args_of,
     read_meta,
@@ -18,6 +21,7 @@ from titan_core.checkpoint_files import (
     step_dir,
 )
 from titan_core.checkpoint_safety import load_checkpoint
+from titan_core.data.tokenizer import EMBEDDED, Tokenizer, load_tokenizer
 from titan_core.errors import UserError
 from titan_core.hf import (
     CONFIG_FILE,
@@ -102,3 +106,59 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     if (folder / CONFIG_FILE).is_file() and not (folder / META_FILE).is_file():
         return _load_hf(folder, device).eval()
     return _load_checkpoint(folder, device).eval()
+
+
+_WHO = "load_pretrained_tokenizer"
+_TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_pretrained_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a model was trained with, for the same paths as :func:`load_pretrained`.
+
+    Args:
+        path: a Hugging Face folder (its ``tokenizer.json``), or a ``step-N`` checkpoint folder,
+            the checkpoint folder holding them or a run's dump folder: the checkpoint's own
+            ``tokenizer/`` copy, else the tokenizer its ``titan.json`` names.
+
+    Returns:
+        The tokenizer, with the BOS/EOS ids the run trained with.
+
+    Raises:
+        UserError: no tokenizer can be found for ``path`` (one line naming what was looked at).
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise UserError(f"{_WHO}: {folder} does not exist")
+    if (folder / CONFIG_FILE).is_file() and not (folder / META_FILE).is_file():
+        if not (folder / _TOKENIZER_FILE).is_file():
+            raise UserError(
+                f"{_WHO}: the Hugging Face folder {folder} has no {_TOKENIZER_FILE}; copy the "
+                "model's tokenizer files into it"
+            )
+        return load_tokenizer(str(folder), field=_WHO)
+    step = checkpoint_folder(folder, who=_WHO)
+    return _checkpoint_tokenizer(step, read_meta(step))
+
+
+def _checkpoint_tokenizer(step: Path, meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer of a checkpoint: its ``tokenizer/`` copy, else the one titan.json names."""
+    own = step / TOKENIZER_DIR
+    name = meta.get("tokenizer")
+    if (own / _TOKENIZER_FILE).is_file():
+        tokenizer = load_tokenizer(str(own), field=_WHO)
+    elif name == EMBEDDED:
+        tokenizer = load_tokenizer(EMBEDDED, field=_WHO)
+    elif isinstance(name, str) and name and (Path(name) / _TOKENIZER_FILE).is_file():
+        tokenizer = load_tokenizer(name, field=_WHO)
+    else:
+        raise UserError(
+            f"{_WHO}: {step} holds no {TOKENIZER_DIR}/{_TOKENIZER_FILE} and its {META_FILE} "
+            f"names the tokenizer {name!r}, which is not a folder holding {_TOKENIZER_FILE}; "
+            f"copy the tokenizer the model was trained with into {step / TOKENIZER_DIR}"
+        )
+    # NOTE: the ids the run trained with (a TrainSpec's build_tokenizer_fn may choose them).
+    ids = meta.get(TOKEN_IDS) or {}
+    tokenizer.bos_id = ids.get("bos_token_id", tokenizer.bos_id)
+    tokenizer.eos_id = ids.get("eos_token_id", tokenizer.eos_id)
+    tokenizer.pad_id = ids.get("pad_token_id", tokenizer.pad_id)
+    return tokenizer

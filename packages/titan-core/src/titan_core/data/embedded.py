@@ -48,6 +48,9 @@ _SKIP_DIRS = frozenset(
     }
 )
 _FILES = ("corpus.jsonl", "tokenizer_config.json", "tokenizer.json")
+# Part of the cache folder's name: bumped whenever the files built change, so older caches are
+# rebuilt rather than used. v2: tokenizer.json prepends <|bos|> when asked for special tokens.
+_ASSETS_VERSION = 2
 
 logger = logging.getLogger("titan")
 
@@ -65,7 +68,8 @@ def embedded_assets_dir() -> Path:
     ``tokenizer_config.json``. The first call builds them (a few seconds); later calls, including
     from other processes, only check that the files exist.
     """
-    folder = cache_root() / f"embedded-py{sys.version_info.major}.{sys.version_info.minor}"
+    python = f"py{sys.version_info.major}.{sys.version_info.minor}"
+    folder = cache_root() / f"embedded-v{_ASSETS_VERSION}-{python}"
     ensure_built(folder, _build)
     return folder
 
@@ -100,7 +104,13 @@ def _build(folder: Path) -> None:
     docs = list(stdlib_docstrings())
     lines = "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in docs)
     _write_atomic(folder / "corpus.jsonl", lines)
-    config = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "model_max_length": 1 << 20}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # what tokenizer.json alone describes
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "clean_up_tokenization_spaces": False,  # decode gives back the text that was encoded
+        "model_max_length": 1 << 20,
+    }
     _write_atomic(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     # tokenizer.json last: its presence (with the others) marks the folder complete.
     _write_atomic(folder / "tokenizer.json", _train_tokenizer(docs).to_str())
@@ -148,7 +158,7 @@ def _file_docstrings(path: Path) -> Iterator[str]:
 
 
 def _train_tokenizer(docs: list[str]) -> tokenizers.Tokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -165,4 +175,12 @@ def _train_tokenizer(docs: list[str]) -> tokenizers.Tokenizer:
             f"embedded tokenizer: trained {tok.get_vocab_size()} tokens, expected "
             f"{EMBEDDED_VOCAB_SIZE}; the standard library corpus is too small to fill it"
         )
+    # NOTE: training encodes without special tokens (the loader adds BOS and EOS itself); a
+    # prompt encoded with them (transformers' tokenizer(text)) starts with BOS, as every
+    # training document does. The post-processor changes no id of the corpus.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B:1",
+        special_tokens=[(BOS_TOKEN, tok.token_to_id(BOS_TOKEN))],
+    )
     return tok

@@ -17,6 +17,9 @@ from titan_core.data.embedded import embedded_assets_dir
 from titan_core.errors import UserError
 
 _FIELD = "model.hf_assets_path"
+EMBEDDED = "embedded"
+"""``model.hf_assets_path`` value naming the embedded tokenizer explicitly (as ``titan.json``
+records it); ``""`` names it too, except when training starts from a Hugging Face folder."""
 # Tried in order when tokenizer_config.json does not name the token (or names one not in the vocab).
 _BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<|bos|>")  # Llama 3, Llama 2 / Mistral, titan
 _EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<|eos|>")  # ..., GPT-2 / Qwen
@@ -32,20 +35,35 @@ class Tokenizer:
         bos_id: id put before every document.
         eos_id: id put after every document; equal to ``bos_id`` for families with one boundary
             token (Qwen's ``<|endoftext|>``).
+        pad_id: id of the padding token ``tokenizer_config.json`` names, else None.
+        folder: the folder its files were read from (copied into checkpoints and exports), or
+            None when it was built some other way.
     """
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, bos_id: int, eos_id: int) -> None:
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        bos_id: int,
+        eos_id: int,
+        *,
+        pad_id: int | None = None,
+        folder: Path | None = None,
+    ) -> None:
         """Wrap a loaded tokenizer.
 
         Args:
             tokenizer: a ``tokenizers.Tokenizer``.
             bos_id: id of the beginning-of-document token.
             eos_id: id of the end-of-document token.
+            pad_id: id of the padding token, if the tokenizer has one.
+            folder: where ``tokenizer.json`` (and ``tokenizer_config.json``) came from.
         """
         self._tok = tokenizer
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id = bos_id
         self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.folder = folder
 
     def encode(self, text: str) -> list[int]:
         """Return the ids of ``text``, with no BOS or EOS added.
@@ -54,6 +72,23 @@ class Tokenizer:
             text: the text to encode.
         """
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Return the ids Hugging Face's fast tokenizer gives for ``tokenizer(text)``: with the
+        special tokens of ``tokenizer.json``'s post-processor (e.g. BOS first).
+
+        Args:
+            text: the prompt to encode.
+        """
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def token(self, token_id: int) -> str | None:
+        """The text of the token ``token_id`` (e.g. ``"<|eos|>"``), or None if there is none.
+
+        Args:
+            token_id: a token id.
+        """
+        return self._tok.id_to_token(token_id)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """Return the text of ``ids``.
@@ -161,63 +196,69 @@ def _word_start(text: str, lo: int, hi: int) -> int:
     return hi
 
 
-def load_tokenizer(hf_assets_path: str) -> Tokenizer:
+def load_tokenizer(hf_assets_path: str, field: str = _FIELD) -> Tokenizer:
     """Load the tokenizer of a model folder, or the embedded one.
 
     Args:
         hf_assets_path: a folder holding ``tokenizer.json`` (and optionally
-            ``tokenizer_config.json``); ``""`` selects the embedded byte-level BPE tokenizer.
+            ``tokenizer_config.json``); ``""`` or ``"embedded"`` selects the embedded
+            byte-level BPE tokenizer.
+        field: what named the folder, for error messages.
 
     Raises:
         UserError: the folder or ``tokenizer.json`` is missing or unreadable, or no EOS token
             can be found.
     """
-    folder = embedded_assets_dir() if hf_assets_path == "" else Path(hf_assets_path).expanduser()
+    embedded = hf_assets_path in ("", EMBEDDED)
+    folder = embedded_assets_dir() if embedded else Path(hf_assets_path).expanduser()
     if not folder.is_dir():
         raise UserError(
-            f"{_FIELD}: {folder} is not a folder; pass a folder holding tokenizer.json "
+            f"{field}: {folder} is not a folder; pass a folder holding tokenizer.json "
             '(e.g. a Hugging Face model download), or "" for the embedded tokenizer'
         )
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise UserError(
-            f"{_FIELD}: {folder} has no tokenizer.json; download the model's tokenizer files "
+            f"{field}: {folder} has no tokenizer.json; download the model's tokenizer files "
             "into it or point the field at the folder that holds them"
         )
     try:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as err:  # the Rust side raises bare Exception subclasses
         raise UserError(
-            f"{_FIELD}: {path} could not be read as a tokenizers file "
+            f"{field}: {path} could not be read as a tokenizers file "
             f"({_first_line(err)}); re-download it from the model repository"
         ) from err
-    bos_name, eos_name = _configured_tokens(folder)
+    bos_name, eos_name, pad_name = _configured_tokens(folder, field)
     eos_id = _find_token(tok, eos_name, _EOS_CANDIDATES)
     if eos_id is None:
         raise UserError(
-            f"{_FIELD}: no end-of-text token in {path} (looked for {eos_name or 'eos_token'} "
+            f"{field}: no end-of-text token in {path} (looked for {eos_name or 'eos_token'} "
             f"from tokenizer_config.json and {', '.join(_EOS_CANDIDATES)}); add "
             '"eos_token" to tokenizer_config.json'
         )
     bos_id = _find_token(tok, bos_name, _BOS_CANDIDATES)
+    pad_id = _find_token(tok, pad_name, ()) if pad_name else None
     # NOTE: families such as Qwen have no BOS; their one boundary token serves as both.
-    return Tokenizer(tok, eos_id if bos_id is None else bos_id, eos_id)
+    bos_id = eos_id if bos_id is None else bos_id
+    return Tokenizer(tok, bos_id, eos_id, pad_id=pad_id, folder=folder.resolve())
 
 
-def _configured_tokens(folder: Path) -> tuple[str | None, str | None]:
-    """Return the (bos_token, eos_token) named by ``tokenizer_config.json``, if any."""
+def _configured_tokens(folder: Path, field: str) -> tuple[str | None, str | None, str | None]:
+    """Return the (bos_token, eos_token, pad_token) named by ``tokenizer_config.json``."""
     path = folder / "tokenizer_config.json"
     if not path.is_file():
-        return None, None
+        return None, None, None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(
-            f"{_FIELD}: {path} is not valid JSON ({_first_line(err)}); fix or delete the file"
+            f"{field}: {path} is not valid JSON ({_first_line(err)}); fix or delete the file"
         ) from err
     if not isinstance(config, dict):
-        return None, None
-    return _token_name(config.get("bos_token")), _token_name(config.get("eos_token"))
+        return None, None, None
+    names = (config.get(key) for key in ("bos_token", "eos_token", "pad_token"))
+    return tuple(_token_name(name) for name in names)  # type: ignore[return-value]
 
 
 def _token_name(value: object) -> str | None:
