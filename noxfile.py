@@ -27,7 +27,7 @@ PACKAGES = [
 ]
 
 
-TEST_DEPS = ["pytest", "transformers", "safetensors"]
+TEST_DEPS = ["pytest", "transformers", "safetensors", "lm-eval"]
 
 
 def _install(session: nox.Session) -> None:
