@@ -57,3 +57,16 @@ def test_float8_with_compile_trains_on_one_gpu(tmp_path, recipe):
     assert f"float8 {recipe}: converted" in proc.stderr
     curve = losses(tmp_path)
     assert curve[0] - curve[-1] > 0.5
+
+
+def test_greedy_generation_on_gpu_equals_cpu(tmp_path):
+    from test_convert import llama_config, random_llama
+    from titan_core import load_pretrained
+    from titan_core.generate import generate
+
+    random_llama(llama_config(num_key_value_heads=2)).save_pretrained(tmp_path)
+    prompts = [[5, 17, 3, 44, 9], [12, 8]]
+    on_cpu = generate(load_pretrained(tmp_path), prompts, max_new_tokens=12)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    on_gpu = generate(load_pretrained(tmp_path, "cuda"), prompts, max_new_tokens=12)
+    assert on_gpu == on_cpu
