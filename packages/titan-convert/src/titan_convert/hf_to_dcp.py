@@ -17,6 +17,9 @@ from torch.distributed.checkpoint.planner import WriteItem
 
 from titan_convert.output import Progress, check_output, staged
 from titan_core.checkpoint import META_FILE, single_process_dcp
+from titan_core.checkpoint_files import TOKEN_IDS, TOKENIZER_DIR
+from titan_core.data import load_tokenizer
+from titan_core.errors import UserError
 from titan_core.hf import (
     GENERATION_CONFIG_FILE,
     adapter_of,
@@ -25,6 +28,7 @@ from titan_core.hf import (
     read_titan_tensor,
     spec_for_hf_folder,
 )
+from titan_core.hf_export import save_tokenizer_files, token_ids
 from titan_core.hf_quant import open_hf_reader
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -80,6 +84,7 @@ def _describe(spec: Any, args: Any, hf_dir: Path, config: dict[str, Any]) -> dic
         "flavor": flavor,
         "model_args": dataclasses.asdict(args),
         "tokenizer": tokenizer,
+        TOKEN_IDS: _token_ids(hf_dir) if tokenizer is not None else {},
         "config": to_toml(job),
         "converted_from": str(hf_dir.resolve()),
         "hf_config": config,
@@ -87,6 +92,15 @@ def _describe(spec: Any, args: Any, hf_dir: Path, config: dict[str, Any]) -> dic
         if generation.is_file()
         else None,
     }
+
+
+def _token_ids(hf_dir: Path) -> dict[str, int]:
+    """The ids of the folder's tokenizer; none if titan cannot read it (its files are still
+    copied, and an export keeps config.json's ids)."""
+    try:
+        return token_ids(load_tokenizer(str(hf_dir), field="HF_DIR"))
+    except UserError:
+        return {}
 
 
 def hf_to_dcp(
@@ -143,5 +157,6 @@ def hf_to_dcp(
             dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
         progress.close()
         meta = _describe(spec, args, hf_dir, config)
+        save_tokenizer_files(hf_dir, temp / TOKENIZER_DIR)
         (temp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return out_dir

@@ -6,7 +6,10 @@ On disk, ``<dump_folder>/<checkpoint.folder>/step-N/`` holds:
   names (FSDP/TP shards are DTensors, so DCP reshards them on load into any layout);
 - ``titan.json``: step, tokens seen, the LR scheduler, the data loader's position (every row of
   the global batch, merged from all data-parallel ranks, so it loads under another DP degree),
-  the RNG state, and what the checkpoint is (model name, flavor, args, tokenizer, resolved config).
+  the RNG state, and what the checkpoint is (model name, flavor, args with the positions the
+  architecture handles, the tokenizer and its token ids, the resolved config);
+- ``tokenizer/``: the files of the tokenizer the run used (and generation_config.json when its
+  folder has one), so the checkpoint alone is enough to run the model or export it.
 
 A checkpoint is written to a hidden ``.step-N.partial/`` folder and renamed to ``step-N/`` only
 when every rank has finished, so a ``step-N/`` folder is complete by construction; a crash during a
@@ -43,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
 from titan_core.checkpoint_files import (
     META_FILE,
     NO_DIST_WARNING,
+    TOKEN_IDS,
+    TOKENIZER_DIR,
     complete_steps,
     plain_tensor,
     single_process_dcp,
@@ -58,6 +63,14 @@ from titan_core.checkpoint_safety import read_titan_json as _meta
 from titan_core.config import to_toml
 from titan_core.errors import UserError
 from titan_core.hf import flavor_name
+from titan_core.hf_export import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    read_json_object,
+    save_tokenizer_files,
+    token_ids,
+    tokenizer_source,
+)
 from titan_core.hf_load import load_hf_weights
 
 logger = logging.getLogger("titan")
@@ -196,6 +209,11 @@ class TrainState:
         model_args: the model's architecture.
         config: the resolved job config, saved with every checkpoint.
         global_batch_size: sequences per optimizer step, for ``tokens_seen``.
+        tokenizer: the run's tokenizer: its ids go into ``titan.json``, its files into
+            ``tokenizer/``.
+        max_positions: the positions the architecture handles (the flavor's or the HF
+            config's ``max_seq_len``), recorded in place of the RoPE table length training
+            uses, so ``load_pretrained`` and exports see the real model.
     """
 
     model_parts: list[nn.Module]
@@ -206,6 +224,8 @@ class TrainState:
     model_args: Any
     config: Any
     global_batch_size: int
+    tokenizer: Any = None
+    max_positions: int | None = None
 
 
 class Checkpointer:
@@ -225,6 +245,7 @@ class Checkpointer:
         self._group: Any = None
         self._poll: Any = None
         self._stager: Any = None
+        self._hf_source: dict[str, Any] | None = None
 
     # ---- what is saved ---------------------------------------------------------------
 
@@ -251,13 +272,32 @@ class Checkpointer:
         flavor = c.model.flavor
         if c.checkpoint.initial_load_in_hf:  # the args are the HF config's: name them truly
             flavor = flavor_name(t.spec, args)
+        if t.max_positions is not None and hasattr(args, "max_seq_len"):
+            # NOTE: the model trained with a RoPE table of training.seq_len rows; the weights do
+            # not depend on its length, so the checkpoint describes the architecture's.
+            args = dataclasses.replace(args, max_seq_len=t.max_positions)
         return {
             "model": c.model.name,
             "flavor": flavor,
             "model_args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else {},
             "tokenizer": c.model.hf_assets_path or "embedded",
+            TOKEN_IDS: token_ids(t.tokenizer),
             "config": to_toml(c),
+            **self.hf_source(),
         }
+
+    def hf_source(self) -> dict[str, Any]:
+        """The config.json and generation_config.json of the HF folder the run started from
+        (read once), so an export keeps its token ids and generation settings."""
+        if self._hf_source is None:
+            self._hf_source = {}
+            if self.cfg.initial_load_in_hf and self.cfg.initial_load_path:
+                source = Path(self.cfg.initial_load_path)
+                self._hf_source = {
+                    "hf_config": read_json_object(source / CONFIG_FILE),
+                    "hf_generation_config": read_json_object(source / GENERATION_CONFIG_FILE),
+                }
+        return self._hf_source
 
     def _loader_rows(self) -> dict[str, Any]:
         """Every row position of the global batch, merged from all data-parallel ranks."""
@@ -372,6 +412,9 @@ class Checkpointer:
         folder = folder or self.folder
         _barrier()
         if _is_main():
+            t = self.state
+            source = tokenizer_source(t.tokenizer, t.config.model.hf_assets_path)
+            save_tokenizer_files(source, partial / TOKENIZER_DIR)
             (partial / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
             final = step_dir(folder, step)
             if final.exists() or final.is_symlink():

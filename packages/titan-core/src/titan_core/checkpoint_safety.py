@@ -288,6 +288,7 @@ def check_checkpoint_model(
     }
     if found == expected:
         return
+    _check_vocabulary(path, meta, found, expected)
     diffs = sorted(
         f"{k}: checkpoint {found.get(k, 'missing')} vs model {expected.get(k, 'missing')}"
         for k in set(found) | set(expected)
@@ -298,6 +299,28 @@ def check_checkpoint_model(
         f"checkpoint: {path} holds {meta.get('model')} {meta.get('flavor')}, which does not "
         f"match {model_name} {flavor} ({shown}); use the checkpoint's model.name/model.flavor "
         "or another dump folder"
+    )
+
+
+_EMBEDDING = "tok_embeddings.weight"  # (vocab, dim) in every family
+
+
+def _check_vocabulary(
+    path: Path, meta: dict[str, Any], found: dict[str, tuple], expected: dict[str, tuple]
+) -> None:
+    """Refuse, naming the tokenizer, a checkpoint trained with another vocabulary: the model's
+    vocab_size follows model.hf_assets_path's tokenizer."""
+    ours, theirs = expected.get(_EMBEDDING), found.get(_EMBEDDING)
+    if not ours or not theirs or ours[0] == theirs[0]:
+        return
+    tokenizer = meta.get("tokenizer") or "unrecorded"
+    own = path / "tokenizer"
+    fix = own if (own / "tokenizer.json").is_file() else tokenizer
+    raise UserError(
+        f"checkpoint: {path} has a vocabulary of {theirs[0]} tokens but the model has "
+        f"{ours[0]} (vocab_size follows the tokenizer of model.hf_assets_path); train with the "
+        f"checkpoint's tokenizer ({tokenizer}): --model.hf_assets_path {fix}, or use another "
+        "job.dump_folder"
     )
 
 

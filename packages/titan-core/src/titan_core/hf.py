@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -28,6 +27,7 @@ from torch import nn
 from titan_core.checkpoint_files import model_args_of, read_meta, single_process_dcp
 from titan_core.checkpoint_safety import SafeFileSystemReader, load_checkpoint
 from titan_core.errors import UserError
+from titan_core.hf_export import CONFIG_FILE, GENERATION_CONFIG_FILE, write_export_files
 from titan_core.hf_keys import DECODER_KEY_MAP, DECODER_ROPE_ROWS, KeyRule, compile_key_map
 from titan_core.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -65,9 +65,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("titan")
-
-CONFIG_FILE = "config.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 # ---- RoPE layout ----------------------------------------------------------------------------
@@ -445,19 +442,6 @@ def _read_stack(
 
 # ---- a titan checkpoint as an HF folder ------------------------------------------------------
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
-# Config keys that do not follow from the model args but name tokens; kept from the HF folder a
-# checkpoint was converted from.
-TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
 
 class CheckpointExport:
     """A titan checkpoint's HF folder: checked on construction, written by :meth:`write`.
@@ -548,26 +532,8 @@ class CheckpointExport:
     def _write_configs(self, out_dir: Path) -> None:
         """config.json, generation_config.json and the tokenizer files next to the weights."""
         config = self.adapter.hf_config(self.args, self.dtype)
-        source = self.meta.get("hf_config") or {}
-        config.update({k: source[k] for k in TOKEN_ID_KEYS if k in source})
-        write_json(out_dir / CONFIG_FILE, config)
-        generation = self.meta.get("hf_generation_config")
-        write_json(
-            out_dir / GENERATION_CONFIG_FILE,
-            generation or self.adapter.hf_generation_config(self.args),
-        )
-        tokenizer = self._tokenizer_folder()
-        for file in TOKENIZER_FILES:
-            if tokenizer is not None and (tokenizer / file).is_file():
-                shutil.copy2(tokenizer / file, out_dir / file)
-
-    def _tokenizer_folder(self) -> Path | None:
-        name = self.meta.get("tokenizer")
-        if name == "embedded":
-            from titan_core.data.embedded import embedded_assets_dir
-
-            return embedded_assets_dir()
-        return Path(name) if name and Path(name).is_dir() else None
+        generation = self.adapter.hf_generation_config(self.args)
+        write_export_files(out_dir, self.folder, self.meta, config, generation)
 
 
 def convert_dcp_to_hf(

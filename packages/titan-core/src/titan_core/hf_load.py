@@ -8,7 +8,6 @@ an HF folder (from a model-only DCP checkpoint, converted tensor by tensor by ra
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -31,8 +30,8 @@ from titan_core.hf_quant import open_hf_reader
 logger = logging.getLogger("titan")
 
 
-def hf_model_args(spec: Any, folder: Path, seq_len: int) -> Any:
-    """The model args an HF folder's config.json describes, RoPE table sized for ``seq_len``.
+def hf_model_args(spec: Any, folder: Path) -> Any:
+    """The model args an HF folder's config.json describes (its max_position_embeddings).
 
     Raises:
         UserError: no config.json, or one of another model family.
@@ -45,10 +44,7 @@ def hf_model_args(spec: Any, folder: Path, seq_len: int) -> Any:
             f"'{config.get('model_type')}', not one of {spec.name}'s "
             f"({', '.join(adapter.model_types)}); set model.name to the matching family"
         )
-    args = adapter.args_from_hf_folder(folder)
-    if hasattr(args, "max_seq_len"):
-        args = dataclasses.replace(args, max_seq_len=seq_len)
-    return args
+    return adapter.args_from_hf_folder(folder)
 
 
 def check_hf_source(trainer: Any, folder: Path) -> None:

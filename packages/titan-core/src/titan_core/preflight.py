@@ -17,15 +17,32 @@ from titan_core.train_spec import TrainSpec
 
 def resolve_model_args(spec: TrainSpec, config: JobConfig) -> Any:
     """The flavor's args, with the RoPE table sized for ``training.seq_len``."""
+    return training_args(flavor_args(spec, config), config.training.seq_len)
+
+
+def flavor_args(spec: TrainSpec, config: JobConfig) -> Any:
+    """The args of ``model.flavor`` as the family defines them (its real positions)."""
     if config.model.flavor not in spec.flavors:
         raise UserError(
             f"model.flavor: '{config.model.flavor}' is not a flavor of {spec.name} "
             f"(flavors: {', '.join(spec.flavors)})"
         )
-    args = spec.flavors[config.model.flavor]
+    return spec.flavors[config.model.flavor]
+
+
+def training_args(args: Any, seq_len: int) -> Any:
+    """``args`` with the RoPE table sized for ``seq_len``: training needs no more rows."""
     if hasattr(args, "max_seq_len"):
-        args = dataclasses.replace(args, max_seq_len=config.training.seq_len)
+        args = dataclasses.replace(args, max_seq_len=seq_len)
     return args
+
+
+def architecture_positions(args: Any, seq_len: int) -> int | None:
+    """How many positions the model built from ``args`` (a flavor's or an HF config's) handles
+    once trained on ``seq_len``-token sequences: what checkpoints record and exports write as
+    ``max_position_embeddings``. None for args without ``max_seq_len``."""
+    positions = getattr(args, "max_seq_len", None)
+    return None if positions is None else max(positions, seq_len)
 
 
 def validate_training(config: JobConfig, dims: ParallelDims) -> int:

@@ -100,6 +100,8 @@ class Trainer(InputChecks):
                 model_args=self.model_args,
                 config=config,
                 global_batch_size=self.global_batch_size,
+                tokenizer=self.tokenizer,
+                max_positions=self.max_positions,
             )
         )
         self.step = self.checkpointer.resume(self.resume_steps)

@@ -7,6 +7,7 @@ bad input in one line (exit 2) while nothing has been started or written yet.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,15 +16,22 @@ from titan_core.checkpoint import LOADABLE_PARTS, check_initial_source, resume_c
 from titan_core.checkpoint_safety import check_resume_source
 from titan_core.config import JobConfig
 from titan_core.data import Tokenizer, load_tokenizer
+from titan_core.data.tokenizer import EMBEDDED
 from titan_core.determinism import apply_moe_debug, resolve_debug
 from titan_core.distributed import Runtime
 from titan_core.errors import UserError
+from titan_core.hf import flavor_name
 from titan_core.hf_load import check_hf_source, hf_model_args
 from titan_core.metrics import check_metrics_sinks
 from titan_core.optim import check_optimizer, validate_lr_scheduler
 from titan_core.parallel import ParallelDims, check_supported, validate_layout
 from titan_core.precision import param_and_reduce_dtypes
-from titan_core.preflight import resolve_model_args, validate_training
+from titan_core.preflight import (
+    architecture_positions,
+    flavor_args,
+    training_args,
+    validate_training,
+)
 from titan_core.profiling import check_profiling
 from titan_core.quantize import build_converters, warn_unused_sections
 from titan_core.run_folder import check_dump_folder
@@ -47,10 +55,7 @@ class InputChecks:
         check_profiling(c.profiling)
         self.dump = check_dump_folder(c.job.dump_folder)
         self.spec = get_train_spec(c.model.name)
-        self.model_args = resolve_model_args(self.spec, c)
-        if c.checkpoint.initial_load_in_hf:
-            self.model_args = self.hf_model_args()
-        self.model_args = apply_moe_debug(self.model_args, c)
+        self.resolve_model()
         self.dims = ParallelDims.from_config(c.parallelism, self.runtime.world_size)
         check_supported(self.dims)
         validate_layout(self.dims, c, self.model_args)
@@ -80,15 +85,6 @@ class InputChecks:
                 folder, self.resume_steps, self.spec, self.model_args, c.model.name, c.model.flavor
             )
         self.check_checkpoint_keys()
-        build_tokenizer = self.spec.build_tokenizer_fn or load_tokenizer
-        self.tokenizer: Tokenizer = build_tokenizer(c.model.hf_assets_path)
-        vocab = getattr(self.model_args, "vocab_size", None)
-        if vocab is not None and self.tokenizer.vocab_size > vocab:
-            raise UserError(
-                f"model.hf_assets_path: the tokenizer has {self.tokenizer.vocab_size} tokens but "
-                f"{c.model.name} {c.model.flavor} has vocab_size {vocab}; use a flavor with a "
-                "large enough vocabulary or a matching tokenizer"
-            )
         self.param_dtype, _ = param_and_reduce_dtypes(c.training, self.runtime.device.type)
         # Opening the data checks the path and format now, before any process group.
         self.loader = self.build_loader()
@@ -123,6 +119,59 @@ class InputChecks:
                 m = self.config.model
                 check_initial_source(self.spec, self.model_args, source, m.name, m.flavor)
 
+    def resolve_model(self) -> None:
+        """The model args (``model_args``: RoPE table sized for training; ``max_positions``:
+        the positions the architecture handles, recorded in checkpoints) and the tokenizer,
+        whose vocabulary the model's grows to."""
+        c = self.config
+        args = flavor_args(self.spec, c)  # an unknown flavor is refused even with HF weights
+        if c.checkpoint.initial_load_in_hf:
+            args = self.hf_model_args()
+            self.use_hf_tokenizer()
+        build_tokenizer = self.spec.build_tokenizer_fn or load_tokenizer
+        self.tokenizer: Tokenizer = build_tokenizer(c.model.hf_assets_path)
+        args = self.fit_vocabulary(args)
+        self.max_positions = architecture_positions(args, c.training.seq_len)
+        self.model_args = apply_moe_debug(training_args(args, c.training.seq_len), c)
+
+    def use_hf_tokenizer(self) -> None:
+        """Starting from HF weights with no ``model.hf_assets_path``: the HF folder's own
+        tokenizer, never the embedded one (whose ids name other tokens to those weights)."""
+        c = self.config
+        if c.model.hf_assets_path:
+            return
+        folder = Path(c.checkpoint.initial_load_path)
+        if not (folder / "tokenizer.json").is_file():
+            raise UserError(
+                f"model.hf_assets_path: not set, and the Hugging Face folder {folder} "
+                "(checkpoint.initial_load_path) has no tokenizer.json; pass "
+                "--model.hf_assets_path with the folder of the tokenizer these weights were "
+                f"trained with (or '{EMBEDDED}' for titan's embedded tokenizer)"
+            )
+        c.model.hf_assets_path = str(folder)
+        logger.info("model.hf_assets_path: using the tokenizer of %s", folder)
+
+    def fit_vocabulary(self, args: Any) -> Any:
+        """``args`` with the vocabulary of a larger tokenizer (as torchtitan does); Hugging
+        Face weights have a fixed vocabulary, so a tokenizer larger than theirs is refused."""
+        c = self.config
+        vocab, tokens = getattr(args, "vocab_size", None), self.tokenizer.vocab_size
+        if vocab is None or tokens <= vocab:
+            return args
+        source = c.model.hf_assets_path or EMBEDDED
+        if c.checkpoint.initial_load_in_hf:
+            raise UserError(
+                f"model.hf_assets_path: the tokenizer of {source} has {tokens} tokens but the "
+                f"Hugging Face weights in {c.checkpoint.initial_load_path} have vocab_size "
+                f"{vocab}; use the tokenizer they were trained with (leave "
+                "model.hf_assets_path empty for the folder's own)"
+            )
+        logger.info(
+            "model vocab_size %d -> %d: the tokenizer of model.hf_assets_path (%s) has %d tokens",
+            vocab, tokens, source, tokens,
+        )  # fmt: skip
+        return dataclasses.replace(args, vocab_size=tokens)
+
     def hf_model_args(self) -> Any:
         """With ``initial_load_in_hf``, the model is the one the HF folder's config.json
         describes (any size, not only the named flavors)."""
@@ -140,8 +189,8 @@ class InputChecks:
         folder = Path(c.checkpoint.initial_load_path)
         if not folder.is_dir():
             raise UserError(f"checkpoint.initial_load_path: {folder} is not a folder")
-        args = hf_model_args(self.spec, folder, c.training.seq_len)
-        if args != self.model_args:
+        args = hf_model_args(self.spec, folder)
+        if flavor_name(self.spec, args) != c.model.flavor:
             logger.info("model args from %s/config.json (not flavor %s's)", folder, c.model.flavor)
         return args
 

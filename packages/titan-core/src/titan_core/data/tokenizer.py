@@ -36,6 +36,7 @@ class Tokenizer:
         eos_id: id put after every document; equal to ``bos_id`` for families with one boundary
             token (Qwen's ``<|endoftext|>``).
         pad_id: id of the padding token ``tokenizer_config.json`` names, else None.
+        has_bos: False when the tokenizer has no BOS token of its own and ``bos_id`` is its EOS.
         folder: the folder its files were read from (copied into checkpoints and exports), or
             None when it was built some other way.
     """
@@ -47,6 +48,7 @@ class Tokenizer:
         eos_id: int,
         *,
         pad_id: int | None = None,
+        has_bos: bool = True,
         folder: Path | None = None,
     ) -> None:
         """Wrap a loaded tokenizer.
@@ -56,6 +58,7 @@ class Tokenizer:
             bos_id: id of the beginning-of-document token.
             eos_id: id of the end-of-document token.
             pad_id: id of the padding token, if the tokenizer has one.
+            has_bos: whether ``bos_id`` is a BOS token of the tokenizer's own.
             folder: where ``tokenizer.json`` (and ``tokenizer_config.json``) came from.
         """
         self._tok = tokenizer
@@ -63,6 +66,7 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.pad_id = pad_id
+        self.has_bos = has_bos
         self.folder = folder
 
     def encode(self, text: str) -> list[int]:
@@ -240,8 +244,14 @@ def load_tokenizer(hf_assets_path: str, field: str = _FIELD) -> Tokenizer:
     bos_id = _find_token(tok, bos_name, _BOS_CANDIDATES)
     pad_id = _find_token(tok, pad_name, ()) if pad_name else None
     # NOTE: families such as Qwen have no BOS; their one boundary token serves as both.
-    bos_id = eos_id if bos_id is None else bos_id
-    return Tokenizer(tok, bos_id, eos_id, pad_id=pad_id, folder=folder.resolve())
+    return Tokenizer(
+        tok,
+        eos_id if bos_id is None else bos_id,
+        eos_id,
+        pad_id=pad_id,
+        has_bos=bos_id is not None,
+        folder=folder.resolve(),
+    )
 
 
 def _configured_tokens(folder: Path, field: str) -> tuple[str | None, str | None, str | None]:
