@@ -211,9 +211,8 @@ class TrainState:
         global_batch_size: sequences per optimizer step, for ``tokens_seen``.
         tokenizer: the run's tokenizer: its ids go into ``titan.json``, its files into
             ``tokenizer/``.
-        max_positions: the positions the architecture handles (the flavor's or the HF
-            config's ``max_seq_len``), recorded in place of the RoPE table length training
-            uses, so ``load_pretrained`` and exports see the real model.
+        max_positions: the positions the architecture handles, recorded as ``max_seq_len``
+            in place of the RoPE table length training uses (see ``describe``).
     """
 
     model_parts: list[nn.Module]
@@ -287,8 +286,8 @@ class Checkpointer:
         }
 
     def hf_source(self) -> dict[str, Any]:
-        """The config.json and generation_config.json of the HF folder the run started from
-        (read once), so an export keeps its token ids and generation settings."""
+        """The HF folder's config.json and generation_config.json (read once) when the run
+        started from one: exports keep its token ids and generation settings."""
         if self._hf_source is None:
             self._hf_source = {}
             if self.cfg.initial_load_in_hf and self.cfg.initial_load_path:

@@ -47,10 +47,10 @@ def hf_model_args(spec: Any, folder: Path) -> Any:
     return adapter.args_from_hf_folder(folder)
 
 
-def check_hf_source(trainer: Any, folder: Path) -> None:
-    """Before any work: every tensor the model needs is in the folder, with its shape."""
-    adapter = adapter_of(trainer.spec)
-    args = trainer.model_args
+def check_hf_source(spec: Any, args: Any, folder: Path) -> None:
+    """Before any work: every tensor the model of ``args`` needs is in the folder, with its
+    shape."""
+    adapter = adapter_of(spec)
     reader = open_hf_reader(folder)
     reader.validate(adapter.expected_hf(args), adapter.ignorable_hf(args, reader.keys()))
 

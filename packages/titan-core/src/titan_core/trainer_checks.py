@@ -114,7 +114,7 @@ class InputChecks:
             if not source.exists():
                 raise UserError(f"checkpoint.initial_load_path: {source} does not exist")
             if ck.initial_load_in_hf:
-                check_hf_source(self, source)
+                check_hf_source(self.spec, self.model_args, source)
             else:
                 m = self.config.model
                 check_initial_source(self.spec, self.model_args, source, m.name, m.flavor)
@@ -127,14 +127,14 @@ class InputChecks:
         args = flavor_args(self.spec, c)  # an unknown flavor is refused even with HF weights
         if c.checkpoint.initial_load_in_hf:
             args = self.hf_model_args()
-            self.use_hf_tokenizer()
+            self.use_hf_tokenizer(args)
         build_tokenizer = self.spec.build_tokenizer_fn or load_tokenizer
         self.tokenizer: Tokenizer = build_tokenizer(c.model.hf_assets_path)
         args = self.fit_vocabulary(args)
         self.max_positions = architecture_positions(args, c.training.seq_len)
         self.model_args = apply_moe_debug(training_args(args, c.training.seq_len), c)
 
-    def use_hf_tokenizer(self) -> None:
+    def use_hf_tokenizer(self, args: Any) -> None:
         """Starting from HF weights with no ``model.hf_assets_path``: the HF folder's own
         tokenizer, never the embedded one (whose ids name other tokens to those weights)."""
         c = self.config
@@ -142,6 +142,7 @@ class InputChecks:
             return
         folder = Path(c.checkpoint.initial_load_path)
         if not (folder / "tokenizer.json").is_file():
+            check_hf_source(self.spec, args, folder)  # a damaged or hostile folder is named first
             raise UserError(
                 f"model.hf_assets_path: not set, and the Hugging Face folder {folder} "
                 "(checkpoint.initial_load_path) has no tokenizer.json; pass "
