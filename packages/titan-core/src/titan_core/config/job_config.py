@@ -75,7 +75,10 @@ class Model:
     name: str = opt("llama3", "Model family, as registered by an installed package (titan.models).")
     flavor: str = opt("debugmodel", "Named size of the model family (see its flavors).")
     hf_assets_path: str = opt(
-        "", "Folder with tokenizer.json (and tokenizer_config.json); empty: the embedded tokenizer."
+        "",
+        "Folder with tokenizer.json (and tokenizer_config.json); a larger vocabulary than the "
+        "flavor's sets vocab_size. Empty: the embedded tokenizer, or with initial_load_in_hf the "
+        "HF folder's own; embedded: the embedded tokenizer.",
     )
     converters: list[str] = opt(
         [],
