@@ -79,3 +79,17 @@ def bench(session: nox.Session) -> None:
     which = session.posargs or ["train", "parallel", "checkpoint", "convert", "moe", "float8"]
     for name in which:
         session.run("python", f"bench/bench_{name}.py")
+
+
+@nox.session(python=None if VENV else False)
+def gpu(session: nox.Session) -> None:
+    """GPU benchmark on one GPU (not a default session): tests/test_gpu.py, then llama3 1B, 3B
+    and 8B (16 of 32 layers) in bf16 eager, bf16 + compile and Float8 + compile; one table, JSON
+    under bench/results/. ``nox -s gpu -- --dry-run`` runs the same script on CPU, tiny shapes.
+
+    It installs nothing from a registry (the GPU machine has none): the script installs the
+    wheels carried in ``.whl/`` itself (``python bench/bench_gpu.py --print-wheels``).
+    """
+    if VENV:
+        _install(session)
+    session.run("python", "bench/bench_gpu.py", *session.posargs)
