@@ -27,7 +27,7 @@ PACKAGES = [
 ]
 
 
-TEST_DEPS = ["pytest", "transformers", "safetensors", "lm-eval"]
+TEST_DEPS = ["pytest", "transformers", "safetensors", "lm-eval[hf]"]
 
 
 def _install(session: nox.Session) -> None:

@@ -363,7 +363,7 @@ def hf_run_args(hf_dir, dump):
     return [
         *FAST, *Q, "--checkpoint.initial_load_path", str(hf_dir),
         "--checkpoint.initial_load_in_hf", "--training.global_batch_size", "8",
-        "--job.dump_folder", str(dump),
+        "--model.hf_assets_path", "embedded", "--job.dump_folder", str(dump),
     ]  # fmt: skip
 
 
