@@ -56,6 +56,7 @@ from titan_core.parallel import (
     isolate_compile_cache,
 )
 from titan_core.parallel.grad_norm import clip_grad_norm_
+from titan_core.precision import describe_precision, fsdp_casts_parameters, param_and_reduce_dtypes
 from titan_core.profiling import StepProfiler
 from titan_core.quantize import apply_converters
 from titan_core.run_folder import prepare_dump_folder
@@ -171,6 +172,7 @@ class Trainer(InputChecks):
             if not on_cpu:
                 self._materialize(part, device)
             part.train()
+        self.autocast_dtype = self.precision(parts)
         logger.info(
             "model %s %s: %s parameters, %.3g training FLOPs/token",
             self.config.model.name,
@@ -179,6 +181,19 @@ class Trainer(InputChecks):
             self.flops_per_token,
         )
         return parts
+
+    def precision(self, parts: list[nn.Module]) -> torch.dtype | None:
+        """Log the precision the step computes in; the dtype autocast must apply, if any.
+
+        FSDP's policy casts the parameters where it wraps the model; every other layout
+        (one process, TP, PP, CP without FSDP) gets the requested dtype through autocast.
+        """
+        _, reduce = param_and_reduce_dtypes(self.config.training, self.runtime.device.type)
+        by_fsdp = fsdp_casts_parameters(parts)
+        logger.info("precision: %s", describe_precision(self.param_dtype, reduce, by_fsdp))
+        if self.param_dtype == torch.float32 or by_fsdp:
+            return None
+        return self.param_dtype
 
     def _parallelize(self, part: nn.Module) -> None:
         self.spec.parallelize_fn(part, self.dims, self.mesh, self.config)
@@ -244,9 +259,9 @@ class Trainer(InputChecks):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast where no FSDP mixed-precision policy does the casting."""
-        if self.param_dtype == torch.float32 or self.mesh is not None:
+        if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.runtime.device.type, dtype=self.param_dtype)
+        return torch.autocast(self.runtime.device.type, dtype=self.autocast_dtype)
 
     def loss_context(self) -> contextlib.AbstractContextManager:
         """Loss parallel: the cross entropy runs on vocab-sharded logits (TP, unless disabled)."""
@@ -259,7 +274,7 @@ class Trainer(InputChecks):
     ) -> torch.Tensor:
         """Loss of one microbatch (mean over its tokens); backward of ``loss * scale``."""
         if self.pipeline is not None:
-            with self.loss_context():
+            with self.loss_context(), self.autocast():
                 return as_local(self.pipeline.step(inputs, labels, loss_scale=scale))
         (model,) = self.model_parts
         with self.autocast():

@@ -178,7 +178,7 @@ def batch_loss_sum(trainer: Any, inputs: torch.Tensor, labels: torch.Tensor) -> 
     """
     counted = labels != IGNORE_INDEX
     if trainer.pipeline is not None:
-        with trainer.loss_context():  # loss parallel under TP, as in training
+        with trainer.loss_context(), trainer.autocast():  # as in training
             means = [as_local(m) for m in trainer.pipeline.eval_losses(inputs, labels)]
         if not means:  # not the last stage
             return torch.zeros(2, dtype=torch.float64, device=inputs.device)

@@ -133,7 +133,10 @@ class Training:
     )
     steps: int = opt(100, "Optimizer steps to train.", AT_LEAST_ONE)
     mixed_precision_param: Literal["auto", "float32", "bfloat16"] = opt(
-        "auto", "Parameter/compute dtype: auto is bfloat16 on GPU and float32 on CPU."
+        "auto",
+        "Compute dtype: auto is bfloat16 on GPU and float32 on CPU. FSDP's parameter cast "
+        "applies it where FSDP wraps the model, autocast in every other layout (the log's "
+        "precision line says which).",
     )
     mixed_precision_reduce: Literal["float32", "bfloat16"] = opt(
         "float32", "Dtype of the gradient reduction across data-parallel ranks."
