@@ -303,3 +303,28 @@ def test_moe_flops_count_only_the_active_experts():
     assert flops == pytest.approx(
         6 * (active - args.vocab_size * args.dim) + 12 * 48 * 32 * 128 * 4096
     )
+
+
+@pytest.mark.parametrize(
+    "tp, pp, cp, dp_shard, per_device",
+    [(1, 1, 1, 1, 2048), (2, 1, 1, 1, 1024), (1, 2, 1, 2, 1024), (2, 2, 2, 1, 256)],
+)
+def test_tokens_per_device_divide_a_batch_over_the_ranks_that_process_it(
+    tp, pp, cp, dp_shard, per_device
+):
+    """tokens/s (hence MFU) per device: a data-parallel rank's tokens (8 x 128 x 2 microsteps)
+    are shared by its TP, PP and CP ranks; counting them on each would inflate MFU by tp x pp x cp.
+    """
+    from types import SimpleNamespace
+
+    from titan_core.parallel.dims import ParallelDims
+    from titan_core.trainer import Trainer
+
+    dims = ParallelDims(dp_replicate=1, dp_shard=dp_shard, cp=cp, tp=tp, pp=pp, ep=1,
+                        world_size=dp_shard * cp * tp * pp)  # fmt: skip
+    trainer = SimpleNamespace(
+        config=SimpleNamespace(training=SimpleNamespace(local_batch_size=8, seq_len=128)),
+        loader=SimpleNamespace(grad_accum_steps=2),
+        dims=dims,
+    )
+    assert Trainer.tokens_per_device_step(trainer) == per_device

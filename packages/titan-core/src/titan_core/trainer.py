@@ -366,7 +366,7 @@ class Trainer(InputChecks):
             save_hf_weights(self, self.step)
         elapsed = time.perf_counter() - start - self.validation_seconds  # training time only
         steps_run = max(t.steps - first_step + 1, 1)
-        tokens_per_step = t.local_batch_size * t.seq_len * self.loader.grad_accum_steps
+        tokens_per_step = self.tokens_per_device_step()
         return {
             "steps": t.steps,
             "first_loss": first_loss,
@@ -375,10 +375,17 @@ class Trainer(InputChecks):
             "dump_folder": os.path.abspath(self.config.job.dump_folder),
         }
 
+    def tokens_per_device_step(self) -> float:
+        """This device's share of a step's tokens: its data-parallel rank's tokens, split over
+        the ranks that process them together (TP, PP, CP), as torchtitan counts them."""
+        t = self.config.training
+        local = t.local_batch_size * t.seq_len * self.loader.grad_accum_steps
+        return local / self.dims.model_parallel
+
     def run_steps(self, first_step: int, start: float, signals: StopSignals) -> tuple[float, float]:
         """Steps ``first_step``..``training.steps``, logged and checkpointed; (first, last) loss."""
         t = self.config.training
-        tokens_per_step = t.local_batch_size * t.seq_len * self.loader.grad_accum_steps
+        tokens_per_step = self.tokens_per_device_step()
         first_loss = loss = float("nan")
         window_start, window_tokens = time.perf_counter(), 0
         for self.step in range(first_step, t.steps + 1):

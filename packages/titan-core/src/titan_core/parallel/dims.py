@@ -111,6 +111,12 @@ class ParallelDims:
         """Ranks that see different data."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that share one data-parallel rank's tokens (``pp x cp x tp``): a device's
+        share of a step's tokens, for tokens/s per device and MFU, is the local batch over it."""
+        return self.pp * self.cp * self.tp
+
     def dp_rank(self, rank: int) -> int:
         """This rank's index in the ``dp`` view; the mesh is laid out pp, dp, cp, tp."""
         return rank // (self.cp * self.tp) % self.dp
