@@ -306,6 +306,8 @@ class Checkpointer:
             dist.all_gather_object(states, state)
             for other in states:
                 state["rows"].update(other["rows"])
+                if "streams" in other:  # each data-parallel rank's stream position
+                    state["streams"].update(other["streams"])
         state["rows"] = {str(j): list(pos) for j, pos in sorted(state["rows"].items())}
         return state
 

@@ -39,7 +39,7 @@ from titan_core.distributed import (
     runtime_from_env,
     set_collective_timeout,
 )
-from titan_core.errors import RunStopped
+from titan_core.errors import RunStopped, UserError
 from titan_core.hf_load import save_hf_weights
 from titan_core.metrics import (
     MetricsLogger,
@@ -228,6 +228,12 @@ class Trainer(InputChecks):
 
     def build_loader(self) -> GlobalBatchLoader:
         t = self.config.training
+        if t.dataset_streaming and not t.dataset_path:
+            raise UserError(
+                "training.dataset_streaming: streams training.dataset_path, which is not set "
+                "(hub datasets always stream, the embedded corpus never does); set the path or "
+                "drop the flag"
+            )
         return GlobalBatchLoader(
             None,
             self.tokenizer,
@@ -239,6 +245,7 @@ class Trainer(InputChecks):
             dataset=t.dataset,
             dataset_path=t.dataset_path,
             seed=t.seed,
+            streaming=t.dataset_streaming,
         )
 
     def build_metrics(self) -> MetricsLogger:

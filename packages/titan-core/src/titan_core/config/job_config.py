@@ -123,6 +123,12 @@ class Training:
         "such as c4, c4_validation or fineweb (streaming).",
     )
     dataset_path: str = opt("", "Local .jsonl/.parquet/.txt file or folder; overrides dataset.")
+    dataset_streaming: bool = opt(
+        False,
+        "Read dataset_path as a stream, as hub datasets are read: each data-parallel rank reads "
+        "only its own files when there are at least as many, and a resume continues where each "
+        "stopped (same batches for the same data-parallel degree).",
+    )
     local_batch_size: int = opt(8, "Sequences per data-parallel rank per microstep.", AT_LEAST_ONE)
     global_batch_size: int = opt(
         -1, "Sequences per optimizer step over all ranks; -1: local_batch_size x dp degree."

@@ -13,6 +13,11 @@ trains on the same tokens at the same step: DP rank ``r`` of ``D`` just reads ro
 ``[r*G/D, (r+1)*G/D)`` and splits them into ``G/(D*b)`` microbatches of ``b`` rows. The state of
 a row is ``(k, offset)``, the document it is in and how many of its tokens were used, so a
 checkpoint saved under one layout resumes under another (merge the ranks' ``rows`` dicts).
+
+A stream split by shard over the data-parallel ranks (see :mod:`titan_core.data.streaming`) is the
+exception: each rank numbers its own documents, row ``j`` reading the rank's documents
+``l, l + G/D, ...`` with ``l`` its place among the rank's rows. Its batches are the same for the same
+data-parallel degree ``D``; the checkpoint also records where each rank's stream stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,7 +81,7 @@ class GlobalBatchLoader:
             dataset: see :func:`open_documents`; used only when ``source`` is ``None``.
             dataset_path: see :func:`open_documents`; used only when ``source`` is ``None``.
             seed: see :func:`open_documents`; used only when ``source`` is ``None``.
-            streaming: read local files as a stream (for tests of the streaming path).
+            streaming: read local files as a stream (``training.dataset_streaming``).
 
         Raises:
             UserError: ``G`` is not a multiple of ``D * b``, or a size is not positive.
@@ -92,11 +98,15 @@ class GlobalBatchLoader:
         self.rows = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         self._rows = {j: _Row() for j in self.rows}
         self._tokenizer = tokenizer
+        self.dp_rank, self.dp_degree = dp_rank, dp_degree
         if source is None:
             source = open_documents(
-                dataset, dataset_path, seed, owned=self.will_read, streaming=streaming
-            )
+                dataset, dataset_path, seed, owned=self.will_read, streaming=streaming,
+                part=(dp_rank, dp_degree),
+            )  # fmt: skip
         self._source = source
+        # A stream of this rank's own shards numbers its documents per rank.
+        self._per_rank = bool(getattr(source, "per_rank", False))
 
     def will_read(self, index: int) -> bool:
         """Whether this rank will still ask for global document ``index``.
@@ -107,8 +117,17 @@ class GlobalBatchLoader:
         Args:
             index: a global document number.
         """
+        if self._per_rank:
+            k, place = divmod(index, len(self.rows))
+            return k >= self._rows[self.rows.start + place].k
         row = self._rows.get(index % self.global_batch_size)
         return row is not None and index // self.global_batch_size >= row.k
+
+    def _document(self, j: int, k: int) -> int:
+        """The source's number for document ``k`` of row ``j``."""
+        if self._per_rank:
+            return j - self.rows.start + k * len(self.rows)
+        return j + k * self.global_batch_size
 
     def next_batch(self) -> list[Microbatch]:
         """Return this rank's part of the next global batch.
@@ -118,6 +137,8 @@ class GlobalBatchLoader:
             microbatch ``i`` holds rows ``rows[i*b : (i+1)*b]``.
         """
         windows = torch.tensor([self._window(j) for j in self.rows], dtype=torch.int64)
+        if hasattr(self._source, "keep_from"):
+            self._source.keep_from(self._oldest_document())
         b = self.local_batch_size
         # (G/D, seq_len + 1) -> A x ((b, seq_len), (b, seq_len)), labels shifted by one token
         return [
@@ -133,14 +154,24 @@ class GlobalBatchLoader:
         """Return the position of this rank's rows, as plain ints.
 
         Returns:
-            ``{"rows": {j: (k, offset)}, "global_batch_size": G, "seq_len": seq_len}``; the
-            ``rows`` dicts of all ranks merge into the state of the whole global batch.
+            ``{"rows": {j: (k, offset)}, "global_batch_size": G, "seq_len": seq_len}``, and for a
+            stream ``"streams": {dp_rank: position}``; the ``rows`` and ``streams`` dicts of all
+            ranks merge into the state of the whole global batch.
         """
-        return {
+        state: dict[str, Any] = {
             "rows": {j: (row.k, row.offset) for j, row in self._rows.items()},
             "global_batch_size": self.global_batch_size,
             "seq_len": self.seq_len,
         }
+        if hasattr(self._source, "position"):
+            position = self._source.position(self._oldest_document())
+            position.update(dp_degree=self.dp_degree, per_rank=self._per_rank)
+            state["streams"] = {str(self.dp_rank): position}
+        return state
+
+    def _oldest_document(self) -> int:
+        """The earliest document a row of this rank still reads."""
+        return min(self._document(j, row.k) for j, row in self._rows.items())
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from a state saved under any DP layout with the same global batch size.
@@ -175,6 +206,41 @@ class GlobalBatchLoader:
         for j, row in self._rows.items():
             row.k, row.offset = positions[j]
             row.doc = None
+        if hasattr(self._source, "resume"):
+            self._resume_stream(state.get("streams") or {})
+
+    def _resume_stream(self, streams: dict[str, Any]) -> None:
+        """Continue this rank's stream where the checkpoint left it.
+
+        The same data-parallel degree continues exactly. Under another degree a stream read whole by
+        every rank continues from the latest saved position its rows allow; a stream split by shard
+        starts each rank's new shards from their beginning (logged: the order changes).
+        """
+        saved = streams.get(str(self.dp_rank))
+        source = self._source
+        if saved is not None and (saved["dp_degree"], saved["per_rank"]) == (
+            self.dp_degree,
+            self._per_rank,
+        ):
+            source.resume(saved)
+            return
+        if self._per_rank or any(p.get("per_rank") for p in streams.values()):
+            degrees = sorted({p["dp_degree"] for p in streams.values()})
+            logger.warning(
+                "training data: the stream was split over %s data-parallel rank(s) when saved and "
+                "over %d now, so each rank reads its new shards from their start (a deterministic "
+                "but different order; documents already trained on come again); resume with the "
+                "saved degree to continue the same order",
+                ", ".join(map(str, degrees)) or "an unknown number of",
+                self.dp_degree,
+            )
+            for row in self._rows.values():
+                row.k, row.offset, row.doc = 0, 0, None
+            return
+        oldest = self._oldest_document()
+        usable = [p for p in streams.values() if int(p["index"]) <= oldest]
+        if usable:  # every rank read the same whole stream: any position before ours will do
+            source.resume(max(usable, key=lambda p: int(p["index"])))
 
     def _window(self, j: int) -> list[int]:
         """Cut the next ``seq_len + 1`` tokens from row ``j``'s token stream."""
@@ -183,7 +249,7 @@ class GlobalBatchLoader:
         need = self.seq_len + 1
         while need > 0:
             if row.doc is None:
-                text = self._source.get(j + row.k * self.global_batch_size)
+                text = self._source.get(self._document(j, row.k))
                 row.doc = DocumentTokens(text, self._tokenizer)
             piece = row.doc.take(row.offset, need)
             if not piece:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from titan_core.data.embedded import embedded_assets_dir
+from titan_core.data.streaming import Mark, Marks, split_by_rank, with_state
 from titan_core.errors import UserError
 
 if TYPE_CHECKING:  # numpy and pyarrow come with `datasets`, imported only for its sources
@@ -92,6 +93,7 @@ def open_documents(
     *,
     streaming: bool = False,
     section: str = "training",
+    part: tuple[int, int] = (0, 1),
 ) -> DocumentSource:
     """Open the documents a run trains (or validates) on.
 
@@ -107,6 +109,8 @@ def open_documents(
         streaming: read local files as a stream (tests use it to check the streaming path on
             local data); hub datasets always stream.
         section: the config section whose ``dataset``/``dataset_path`` errors name.
+        part: ``(rank, degree)`` of data parallelism: a stream with at least ``degree`` shards
+            is read by shard, this rank's only (see :mod:`titan_core.data.streaming`).
 
     Raises:
         UserError: the path is missing, unreadable or empty, has no ``text`` column, or its
@@ -114,10 +118,11 @@ def open_documents(
             dataset cannot be reached (offline, no network, unknown name).
     """
     if dataset_path:
-        return _open_local(dataset_path, seed, owned, streaming, f"{section}.dataset_path")
+        field = f"{section}.dataset_path"
+        return _open_local(dataset_path, seed, owned, streaming, field, part)
     if dataset in EMBEDDED_NAMES:
         return MapDocuments(_read_embedded_corpus(), seed)
-    return _open_hub(dataset, owned, section)
+    return _open_hub(dataset, owned, section, part)
 
 
 class MapDocuments:
@@ -174,6 +179,12 @@ class StreamingDocuments:
     Index ``i`` is the ``i``-th document of the endless repetition of the stream. Documents
     passed while skipping ahead are kept only if ``owned(i)`` says they will be asked for, and are
     dropped once read, so memory holds just the gap between the slowest and fastest reader.
+    Where the stream has a ``state_dict``, the position before each document a reader may still
+    start at is kept (see :mod:`titan_core.data.streaming`), so a resume need not read again.
+
+    Attributes:
+        per_rank: the stream is this data-parallel rank's own shards (indices are rank-local).
+        rows_read: rows taken from the stream so far (a resume's extra reading shows here).
     """
 
     def __init__(
@@ -183,6 +194,7 @@ class StreamingDocuments:
         name: str,
         *,
         skip_blank: bool = False,
+        per_rank: bool = False,
     ) -> None:
         """Wrap a stream of rows, and check that its first rows hold text.
 
@@ -191,6 +203,7 @@ class StreamingDocuments:
             owned: whether a skipped index will be asked for later; ``None`` keeps all.
             name: how errors refer to this source (a field and value).
             skip_blank: rows whose text is empty or whitespace only are not documents (``.txt``).
+            per_rank: ``open_stream`` yields only this data-parallel rank's shards.
 
         Raises:
             UserError: the stream is empty, or its first ``TEXT_CHECK_ROWS`` rows hold no text.
@@ -199,8 +212,12 @@ class StreamingDocuments:
         self._owned = owned or (lambda index: True)
         self._name = name
         self._skip_blank = skip_blank
+        self.per_rank = per_rank
+        self.rows_read = 0
         self._cache: dict[int, str] = {}
-        self._it: Iterator[dict[str, Any]] = iter(())
+        self._it: Iterator[tuple[dict[str, Any], dict | None]] = iter(())
+        self._state: dict | None = None  # the stream's own state after the last row read
+        self._marks = Marks()
         self._next = 0  # global index of the document the iterator yields next
         self._epoch_start = 0  # global index of the current pass's first document
         self._pass_length: int | None = None  # documents per pass, known after the first wrap
@@ -233,8 +250,40 @@ class StreamingDocuments:
     def pass_length(self) -> int | None:
         return self._pass_length
 
+    def keep_from(self, index: int) -> None:
+        """No reader will start at a document before ``index`` any more."""
+        self._marks.keep_from(index)
+
+    def position(self, oldest: int) -> dict[str, Any]:
+        """Where a resume must start so that document ``oldest`` is read again (JSON-able)."""
+        mark = self._marks.at(oldest) if oldest < self._next else None
+        if mark is None:  # nothing from ``oldest`` on has been read: resume from here
+            mark = Mark(self._next, self._epoch_start, self._state)
+        return {**mark.as_dict(), "pass_length": self._pass_length}
+
+    def resume(self, position: dict[str, Any]) -> None:
+        """Continue from a :meth:`position`: its document is the next one read.
+
+        A stream without a state of its own starts its pass again and reads up to there.
+        """
+        self._cache.clear()
+        self._marks.clear()
+        self._pass_length = position.get("pass_length")
+        state, start = position.get("state"), int(position["pass_start"])
+        if state is None:
+            self._restart(start)
+            return
+        try:
+            self._restart(int(position["index"]), state=state, pass_start=start)
+        except Exception as err:  # the data changed, or the state is another stream's
+            raise UserError(
+                f"checkpoint data state: {self._name} cannot continue from the saved stream "
+                f"position ({_innermost(err)}); resume with the original data or start a fresh run"
+            ) from err
+
     def _advance(self) -> str:
         while True:
+            before = self._state
             row = self._read_row()
             if row is None:
                 if self._next == self._epoch_start:
@@ -246,26 +295,28 @@ class StreamingDocuments:
                 continue
             text = self._text(row)
             if not (self._skip_blank and _is_blank(text)):
+                self._marks.add(Mark(self._next, self._epoch_start, before))
                 self._next += 1
                 return text
 
     def _check_text(self) -> None:
         """Read rows until one holds text, then put them back in front of the stream."""
-        rows: list[dict[str, Any]] = []
+        items: list[tuple[dict[str, Any], dict | None]] = []
         try:
             with _quiet_datasets():
-                while len(rows) < TEXT_CHECK_ROWS:
+                while len(items) < TEXT_CHECK_ROWS:
                     row = self._read_row("its first rows")
                     if row is None:
                         break
-                    rows.append(row)
+                    items.append((row, self._state))
                     if not _is_blank(self._text(row)):
                         return
         finally:
-            self._it = itertools.chain(rows, self._it)
-        if not rows:
+            self._it = itertools.chain(items, self._it)
+            self._state = None  # the rows put back come first again
+        if not items:
             raise UserError(f"{self._name} yielded no documents; use a non-empty dataset")
-        raise UserError(_no_text(self._name, len(rows), whole=len(rows) < TEXT_CHECK_ROWS))
+        raise UserError(_no_text(self._name, len(items), whole=len(items) < TEXT_CHECK_ROWS))
 
     def _text(self, row: dict[str, Any]) -> str:
         if "text" not in row:
@@ -274,7 +325,11 @@ class StreamingDocuments:
 
     def _read_row(self, where: str = "") -> dict[str, Any] | None:
         try:
-            return next(self._it, None)
+            item = next(self._it, None)
+            if item is None:
+                return None
+            row, self._state = item
+            return row
         except UserError:
             raise
         except Exception as err:  # a stream reads (and parses) lazily, so bad data surfaces here
@@ -283,9 +338,20 @@ class StreamingDocuments:
                 f"({_innermost(err)}); check the data files or the dataset name"
             ) from err
 
-    def _restart(self, start: int) -> None:
-        self._it = iter(self._open())
-        self._next = self._epoch_start = start
+    def _restart(
+        self, start: int, state: dict | None = None, pass_start: int | None = None
+    ) -> None:
+        """Open the stream again: at its beginning as document ``start``, or at ``state``."""
+        stream = self._open()
+        if state is not None:
+            stream.load_state_dict(state)
+        self._it = with_state(stream, self._count_row)
+        self._state = state
+        self._next = start
+        self._epoch_start = start if pass_start is None else pass_start
+
+    def _count_row(self) -> None:
+        self.rows_read += 1
 
 
 @contextlib.contextmanager
@@ -388,6 +454,7 @@ def _open_local(
     owned: Callable[[int], bool] | None,
     streaming: bool,
     field: str,
+    part: tuple[int, int] = (0, 1),
 ) -> DocumentSource:
     builder, files = _local_files(dataset_path, field)
     name = f"{field}: {dataset_path}"
@@ -409,7 +476,8 @@ def _open_local(
             ) from err
 
     if streaming:
-        return StreamingDocuments(lambda: load(True), owned, name, skip_blank=skip_blank)
+        opener, per_rank = split_by_rank(lambda: load(True), *part, name)
+        return StreamingDocuments(opener, owned, name, skip_blank=skip_blank, per_rank=per_rank)
     ds = load(False)
     if "text" not in ds.column_names:
         raise UserError(_no_text_column(name, ds.column_names))
@@ -486,7 +554,9 @@ def _has_text(texts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     return pc.invert(blank.fill_null(True))
 
 
-def _open_hub(dataset: str, owned: Callable[[int], bool] | None, section: str) -> DocumentSource:
+def _open_hub(
+    dataset: str, owned: Callable[[int], bool] | None, section: str, part: tuple[int, int]
+) -> DocumentSource:
     repo, config, split = HUB_DATASETS.get(dataset, (dataset, None, "train"))
     name = f"{section}.dataset: {dataset}"
     default = ", the default" if section == "training" else ""
@@ -512,7 +582,8 @@ def _open_hub(dataset: str, owned: Callable[[int], bool] | None, section: str) -
                 f"{_innermost(err)}); check the name and network access, or {fix}"
             ) from err
 
-    return StreamingDocuments(load, owned, name)
+    opener, per_rank = split_by_rank(load, *part, name)
+    return StreamingDocuments(opener, owned, name, per_rank=per_rank)
 
 
 def _env_true(var: str) -> bool:
