@@ -18,7 +18,7 @@ import pytest
 
 from helpers import FAST, read_metrics, run_cli
 from titan_core.data import load_tokenizer, open_documents
-from titan_core.data import sources as sources_module
+from titan_core.data import rows as rows_module
 from titan_core.data.embedded import embedded_assets_dir
 from titan_core.data.tokenizer import DocumentTokens, text_pieces
 from titan_core.errors import UserError
@@ -80,7 +80,7 @@ def test_sources_without_text_are_refused_when_opened(tmp_path, name, content, s
 
 
 def test_a_stream_is_checked_by_its_first_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources_module, "TEXT_CHECK_ROWS", 4)
+    monkeypatch.setattr(rows_module, "TEXT_CHECK_ROWS", 4)
     late = write_jsonl(tmp_path / "late.jsonl", ["", "", "", "", "text at last"])
     with pytest.raises(UserError, match=r"late.jsonl holds no text: the first 4 rows are empty"):
         open_documents("embedded", str(late), 0, streaming=True)

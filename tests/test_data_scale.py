@@ -36,7 +36,7 @@ def write_shards(folder: Path, shards: int = SHARDS, rows: int = ROWS) -> Path:
     return folder
 
 
-def loaders(tokenizer, data: Path, degree: int = D) -> list[GlobalBatchLoader]:
+def loaders(tokenizer, data: Path, degree: int = D, **kw) -> list[GlobalBatchLoader]:
     return [
         GlobalBatchLoader(
             None,
@@ -48,6 +48,7 @@ def loaders(tokenizer, data: Path, degree: int = D) -> list[GlobalBatchLoader]:
             dp_degree=degree,
             dataset_path=str(data),
             streaming=True,
+            **kw,
         )
         for r in range(degree)
     ]
@@ -97,17 +98,18 @@ def test_fewer_shards_than_ranks_read_the_whole_stream_on_every_rank(tokenizer, 
     assert rows_read(ranks) > 3 * consumed(ranks)
 
 
-def test_a_late_resume_reads_at_most_one_shard_again(tokenizer, tmp_path):
+@pytest.mark.parametrize("shuffle", [0, 8], ids=["in-order", "shuffle-buffer-8"])
+def test_a_late_resume_reads_at_most_one_shard_again(tokenizer, tmp_path, shuffle):
     data = write_shards(tmp_path / "data")
-    straight = loaders(tokenizer, data)
+    straight = loaders(tokenizer, data, shuffle_buffer=shuffle)
     expected = [step(straight) for _ in range(50)]
 
-    first = loaders(tokenizer, data)
+    first = loaders(tokenizer, data, shuffle_buffer=shuffle)
     for _ in range(40):
         step(first)
     state, before = checkpoint(first), consumed(first)
 
-    resumed = loaders(tokenizer, data)
+    resumed = loaders(tokenizer, data, shuffle_buffer=shuffle)
     opened = rows_read(resumed)  # opening a stream checks its first row for text
     for loader in resumed:
         loader.load_state_dict(state)
@@ -180,3 +182,72 @@ def test_dataset_streaming_needs_a_path(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "training.dataset_streaming:" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+# ---- prefetching -----------------------------------------------------------------------------
+
+
+def test_prefetched_batches_and_states_are_the_loaders_own(tokenizer, tmp_path):
+    """The thread prepares batches ahead, but a checkpoint taken after batch n resumes at n + 1."""
+    from titan_core.data.prefetch import Prefetcher
+
+    data = write_shards(tmp_path / "data")
+    plain = loaders(tokenizer, data, degree=1)[0]
+    ahead = Prefetcher(loaders(tokenizer, data, degree=1)[0], depth=3)
+    try:
+        for _ in range(6):
+            for (x, y), (u, v) in zip(plain.next_batch(), ahead.next_batch(), strict=True):
+                assert torch.equal(x, u) and torch.equal(y, v)
+            assert ahead.state_dict() == plain.state_dict()
+        assert ahead.loader._source.rows_read > plain._source.rows_read  # it did read ahead
+        assert ahead.take_wait() > 0 and ahead.wait_seconds == 0
+    finally:
+        ahead.close()
+
+
+def test_a_data_error_in_the_thread_reaches_the_training_loop(tokenizer):
+    from titan_core.data.prefetch import Prefetcher
+    from titan_core.errors import UserError
+
+    class Broken:
+        def get(self, index: int) -> str:
+            raise UserError("training.dataset_path: row 3 cannot be read")
+
+        pass_length = None
+
+    loader = GlobalBatchLoader(Broken(), tokenizer, seq_len=SEQ, global_batch_size=2,
+                               local_batch_size=2, dp_rank=0, dp_degree=1)  # fmt: skip
+    ahead = Prefetcher(loader, depth=2)
+    with pytest.raises(UserError, match="row 3 cannot be read"):
+        ahead.next_batch()
+    ahead.close()
+
+
+# ---- the shuffle buffer ----------------------------------------------------------------------
+
+
+def served(data: Path, shuffle: int, seed: int, n: int) -> list[str]:
+    from titan_core.data.sources import open_documents
+
+    source = open_documents("", str(data), seed, streaming=True, shuffle_buffer=shuffle)
+    return [source.get(i) for i in range(n)]
+
+
+def test_the_shuffle_buffer_permutes_each_block_by_the_seed(tmp_path):
+    data = write_shards(tmp_path / "data", shards=2)
+    plain = served(data, 0, 0, 48)
+    once, again, other = (served(data, 16, seed, 48) for seed in (0, 0, 1))
+    assert once == again and once != other  # seeded
+    for block in range(3):  # each block of 16 is its own stream block, reordered
+        window = slice(16 * block, 16 * (block + 1))
+        assert sorted(once[window]) == sorted(plain[window]) and once[window] != plain[window]
+
+
+def test_shuffle_buffer_is_refused_where_there_is_no_stream(tmp_path, capsys):
+    from titan_core.train import main
+
+    dump = tmp_path / "x"
+    assert main(["--training.shuffle_buffer", "64", "--job.dump_folder", str(dump)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training.shuffle_buffer: 64 shuffles streams" in err[0]
+    assert not dump.exists()

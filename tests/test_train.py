@@ -14,7 +14,7 @@ from titan_core.train import run
 
 METRIC_KEYS = {
     "step", "loss", "grad_norm", "lr", "tps", "tflops", "mfu", "memory_gib", "tokens_seen", "time",
-    "total_steps", "eta_s",
+    "total_steps", "eta_s", "data_wait_s",
 }  # fmt: skip
 
 

@@ -31,6 +31,8 @@ from titan_core.checkpoint import (
 )
 from titan_core.config import JobConfig, to_toml
 from titan_core.data import GlobalBatchLoader
+from titan_core.data.loader import check_streaming_keys
+from titan_core.data.prefetch import Prefetcher
 from titan_core.determinism import set_determinism
 from titan_core.distributed import (
     Runtime,
@@ -39,7 +41,7 @@ from titan_core.distributed import (
     runtime_from_env,
     set_collective_timeout,
 )
-from titan_core.errors import RunStopped, UserError
+from titan_core.errors import RunStopped
 from titan_core.hf_load import save_hf_weights
 from titan_core.metrics import (
     MetricsLogger,
@@ -226,15 +228,10 @@ class Trainer(InputChecks):
         torch.manual_seed(self.config.training.seed)
         model.init_weights()
 
-    def build_loader(self) -> GlobalBatchLoader:
+    def build_loader(self) -> Prefetcher:
         t = self.config.training
-        if t.dataset_streaming and not t.dataset_path:
-            raise UserError(
-                "training.dataset_streaming: streams training.dataset_path, which is not set "
-                "(hub datasets always stream, the embedded corpus never does); set the path or "
-                "drop the flag"
-            )
-        return GlobalBatchLoader(
+        check_streaming_keys(t)
+        loader = GlobalBatchLoader(
             None,
             self.tokenizer,
             seq_len=t.seq_len,
@@ -246,7 +243,9 @@ class Trainer(InputChecks):
             dataset_path=t.dataset_path,
             seed=t.seed,
             streaming=t.dataset_streaming,
+            shuffle_buffer=t.shuffle_buffer,
         )
+        return Prefetcher(loader, t.data_prefetch)
 
     def build_metrics(self) -> MetricsLogger:
         m = self.config.metrics
@@ -367,6 +366,7 @@ class Trainer(InputChecks):
             raise
         finally:
             self.profiler.close()
+            self.loader.close()
         self.checkpointer.close()
         self.metrics.close()
         if self.config.checkpoint.last_save_in_hf:
@@ -394,7 +394,7 @@ class Trainer(InputChecks):
         t = self.config.training
         tokens_per_step = self.tokens_per_device_step()
         first_loss = loss = float("nan")
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
         for self.step in range(first_step, t.steps + 1):
             lr = self.scheduler.get_last_lr()[0]
             loss, grad_norm = self.train_step(self.loader.next_batch())
@@ -405,7 +405,7 @@ class Trainer(InputChecks):
                     groups = self.mesh.world.get_all_groups()
                     set_collective_timeout(self.config.comm.train_timeout_seconds, groups)
             first_loss = loss if self.step == first_step else first_loss
-            window_tokens += tokens_per_step
+            window_tokens, window_steps = window_tokens + tokens_per_step, window_steps + 1
             self.checkpointer.poll()
             blocked = self.checkpointer.maybe_save(self.step, last=self.step == t.steps)
             due = self.step % self.config.metrics.log_freq == 0 or self.step in (
@@ -419,8 +419,9 @@ class Trainer(InputChecks):
                 self.validation_seconds += extra["validation_time"]
             if due or extra:  # a save's blocking time and validation are logged with their step
                 tps = window_tokens / (now - window_start)
+                extra["data_wait_s"] = self.loader.take_wait() / window_steps  # mean per step
                 self.log_step(loss, grad_norm, lr, tps, now - start, extra)
-                window_start, window_tokens = time.perf_counter(), 0
+                window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
             signum = signals.agreed(self.runtime.device)
             if signum and self.step < t.steps:
                 self.stop_on_signal(signum, saved=blocked is not None)

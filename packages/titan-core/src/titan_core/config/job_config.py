@@ -129,6 +129,18 @@ class Training:
         "only its own files when there are at least as many, and a resume continues where each "
         "stopped (same batches for the same data-parallel degree).",
     )
+    shuffle_buffer: int = opt(
+        0,
+        "Streams only: serve documents in seeded random order within blocks of this many "
+        "(0: the stream's own order); resumable, a resume reads one block again.",
+        NON_NEGATIVE,
+    )
+    data_prefetch: int = opt(
+        2,
+        "Batches tokenized and packed ahead in a background thread while the step runs; 0 "
+        "prepares each batch on the training thread.",
+        NON_NEGATIVE,
+    )
     local_batch_size: int = opt(8, "Sequences per data-parallel rank per microstep.", AT_LEAST_ONE)
     global_batch_size: int = opt(
         -1, "Sequences per optimizer step over all ranks; -1: local_batch_size x dp degree."

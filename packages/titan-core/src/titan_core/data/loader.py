@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from titan_core.data.sources import DocumentSource, open_documents
+from titan_core.data.sources import EMBEDDED_NAMES, DocumentSource, open_documents
 from titan_core.data.tokenizer import DocumentTokens, Tokenizer
 from titan_core.errors import UserError
 
@@ -67,6 +67,7 @@ class GlobalBatchLoader:
         dataset_path: str = "",
         seed: int = 0,
         streaming: bool = False,
+        shuffle_buffer: int = 0,
     ) -> None:
         """Check the layout, then open the documents if no source is given.
 
@@ -82,6 +83,7 @@ class GlobalBatchLoader:
             dataset_path: see :func:`open_documents`; used only when ``source`` is ``None``.
             seed: see :func:`open_documents`; used only when ``source`` is ``None``.
             streaming: read local files as a stream (``training.dataset_streaming``).
+            shuffle_buffer: a stream's documents come in seeded blocks of this many.
 
         Raises:
             UserError: ``G`` is not a multiple of ``D * b``, or a size is not positive.
@@ -102,7 +104,7 @@ class GlobalBatchLoader:
         if source is None:
             source = open_documents(
                 dataset, dataset_path, seed, owned=self.will_read, streaming=streaming,
-                part=(dp_rank, dp_degree),
+                part=(dp_rank, dp_degree), shuffle_buffer=shuffle_buffer,
             )  # fmt: skip
         self._source = source
         # A stream of this rank's own shards numbers its documents per rank.
@@ -265,6 +267,23 @@ class GlobalBatchLoader:
             if row.doc.ends_at(row.offset):
                 row.k, row.offset, row.doc = row.k + 1, 0, None
         return window
+
+
+def check_streaming_keys(t: Any) -> None:
+    """The ``[training]`` keys that apply to streams only are set for a stream."""
+    if t.dataset_streaming and not t.dataset_path:
+        raise UserError(
+            "training.dataset_streaming: streams training.dataset_path, which is not set "
+            "(hub datasets always stream, the embedded corpus never does); set the path or "
+            "drop the flag"
+        )
+    stream = t.dataset_streaming if t.dataset_path else t.dataset not in EMBEDDED_NAMES
+    if t.shuffle_buffer > 1 and not stream:
+        raise UserError(
+            f"training.shuffle_buffer: {t.shuffle_buffer} shuffles streams, but this data is "
+            "read with random access and already shuffled every epoch; drop the key, or set "
+            "training.dataset_streaming to stream training.dataset_path"
+        )
 
 
 def _check_layout(seq_len: int, global_batch: int, local_batch: int, dp_degree: int) -> int:
