@@ -199,6 +199,8 @@ def test_prefetched_batches_and_states_are_the_loaders_own(tokenizer, tmp_path):
             for (x, y), (u, v) in zip(plain.next_batch(), ahead.next_batch(), strict=True):
                 assert torch.equal(x, u) and torch.equal(y, v)
             assert ahead.state_dict() == plain.state_dict()
+            ahead.state_dict()["rows"].clear()  # a caller's change is its own
+            assert ahead.state_dict() == plain.state_dict()
         assert ahead.loader._source.rows_read > plain._source.rows_read  # it did read ahead
         assert ahead.take_wait() > 0 and ahead.wait_seconds == 0
     finally:

@@ -8,6 +8,7 @@ loop took: a checkpoint resumes at the next batch to train on, not the next one 
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import time
@@ -58,8 +59,9 @@ class Prefetcher:
         return wait
 
     def state_dict(self) -> dict[str, Any]:
-        """The loader's state after the last batch the training loop took."""
-        return self.loader.state_dict() if self._state is None else self._state
+        """The loader's state after the last batch the training loop took (a copy: callers
+        such as the checkpoint's merge of all ranks' rows change it)."""
+        return self.loader.state_dict() if self._state is None else copy.deepcopy(self._state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._thread is not None:
