@@ -4,7 +4,7 @@ wait for data with prefetching on and off (llama3 debugmodel, the embedded corpu
 The loader alone (tokenize + pack, on this thread) must outrun training by a wide margin for the
 background thread to hide it; the wait per step shows whether it does. Measured in one run.
 
-    nox -s bench -- data          # or: python bench/bench_data.py --steps 12
+    nox -s bench -- data          # or: python bench/bench_data.py --steps 8 --rounds 3
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def loader_tokens_per_s(t: Trainer, batches: int) -> float:
 
 def step_wait(t: Trainer, steps: int) -> tuple[float, float]:
     """(mean seconds per training step, mean seconds of it spent waiting for data)."""
-    t.train_step(t.loader.next_batch())  # warm-up
+    t.train_step(t.loader.next_batch())  # warm-up (and the other trainer's thread refills)
     t.loader.take_wait()
     start = time.perf_counter()
     for _ in range(steps):
@@ -53,16 +53,22 @@ def step_wait(t: Trainer, steps: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {}
-        for prefetch in (0, 2):
-            t = trainer(f"{tmp}/{prefetch}", prefetch, args.seq_len, args.batch)
-            rows[prefetch] = step_wait(t, args.steps)
+        trainers = {p: trainer(f"{tmp}/{p}", p, args.seq_len, args.batch) for p in (0, 2)}
+        runs: dict[int, list[tuple[float, float]]] = {0: [], 2: []}
+        for _ in range(args.rounds):  # alternating rounds: this VM drifts between runs
+            for prefetch, t in trainers.items():
+                runs[prefetch].append(step_wait(t, args.steps))
+        for t in trainers.values():
             t.loader.close()
+        rows = {
+            p: tuple(statistics.median(r[i] for r in rs) for i in (0, 1)) for p, rs in runs.items()
+        }
         fresh = trainer(f"{tmp}/loader", 0, args.seq_len, args.batch)
         loader_tps = statistics.median(loader_tokens_per_s(fresh, 20) for _ in range(3))
     tokens = args.seq_len * args.batch
