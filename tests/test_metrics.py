@@ -235,6 +235,11 @@ def test_console_line_shows_progress_eta_and_validation():
     assert "total_steps" not in line and "validation_time" not in line
 
 
+def test_console_line_shows_the_data_wait_in_milliseconds():
+    line = format_console_line({**make_record(), "data_wait_s": 0.00412})
+    assert "data_wait 4.1ms" in line and "data_wait_s" not in line
+
+
 @pytest.mark.parametrize(
     "seconds, text",
     [(0.4, "0s"), (59.4, "59s"), (65, "1m05s"), (3599, "59m59s"), (7380, "2h03m"),

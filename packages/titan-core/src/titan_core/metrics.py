@@ -383,6 +383,7 @@ _CONSOLE_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("mfu", "mfu", "{:.1%}"),
     ("memory_gib", "mem", "{:.2f}GiB"),
     ("eta_s", "eta", "{}"),
+    ("data_wait_s", "data_wait", "{:.1f}ms"),
     ("validation_loss", "val_loss", "{:7.4f}"),
     ("validation_perplexity", "val_ppl", "{:,.2f}"),
 )
@@ -421,12 +422,15 @@ def format_console_line(record: Mapping[str, Any], color: bool = False) -> str:
 
 
 def _console_value(key: str, fmt: str, record: Mapping[str, Any]) -> str:
-    """The step as ``step/total`` when the total is known; the ETA as ``1h02m``, ``3m05s``."""
+    """The step as ``step/total`` when the total is known; the ETA as ``1h02m``, ``3m05s``; the
+    data wait in milliseconds."""
     if key == "step" and "total_steps" in record:
         width = len(str(record["total_steps"]))
         return f"{record['step']:>{width}}/{record['total_steps']}"
     if key == "eta_s":
         return format_duration(record[key])
+    if key == "data_wait_s":  # seconds in the record, milliseconds on the line
+        return fmt.format(record[key] * 1e3)
     return fmt.format(record[key])
 
 
