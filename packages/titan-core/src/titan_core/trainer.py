@@ -152,8 +152,7 @@ class Trainer(InputChecks):
 
         Returns this rank's model parts: the whole model, or its pipeline stages.
         """
-        with torch.device("meta"):
-            model = self.spec.model_cls(self.model_args)
+        model = self.new_model()
         self.num_params = sum(p.numel() for p in model.parameters())
         apply_converters(model, self.converters)  # e.g. Float8: before any parallelism
         fpt = self.spec.flops_per_token_fn
@@ -163,7 +162,7 @@ class Trainer(InputChecks):
         # NOTE: on CPU the full model is initialised before it is split and sharded, so every
         # layout starts from the same weights (DTensor's sharded RNG is only layout-independent
         # on CUDA). On GPU the model stays on meta until sharded: no rank ever holds all of it.
-        on_cpu = device.type == "cpu"
+        on_cpu = self.initialise_before_parallelize()
         if on_cpu:
             self._materialize(model, device)
         self.pipeline = self.build_pipeline(model) if self.dims.pp > 1 else None
@@ -183,6 +182,15 @@ class Trainer(InputChecks):
             self.flops_per_token,
         )
         return parts
+
+    def initialise_before_parallelize(self) -> bool:
+        """Whether the whole model is initialised before it is split and sharded (CPU)."""
+        return self.runtime.device.type == "cpu"
+
+    def new_model(self) -> nn.Module:
+        """The model on the meta device: shapes only, initialised later by ``_materialize``."""
+        with torch.device("meta"):
+            return self.spec.model_cls(self.model_args)
 
     def precision(self, parts: list[nn.Module]) -> torch.dtype | None:
         """Log the precision the step computes in; the dtype autocast must apply, if any.
