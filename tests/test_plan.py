@@ -165,3 +165,38 @@ def test_a_model_that_fits_nowhere_names_the_smallest_target_that_would():
     (line,) = out.stderr.strip().splitlines()[-1:]
     assert "no layout of llama3 8B fits 1 node(s) x 1 a100" in line
     assert "the smallest that fits: 2 nodes x 1" in line or "4 nodes x 1" in line
+
+
+def test_search_returns_the_fastest_layouts_that_fit_as_pasteable_sections():
+    out = run_plan(
+        *flags(), "--gpu", "cpu", "--gpus-per-node", "4", "--search", "--top", "2", "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    plans = found["layouts"]
+    assert len(plans) == 2 and found["probed"] >= 2 and found["considered"] > found["probed"]
+    assert all(p["fits"] and p["world_size"] == 4 for p in plans)
+    speeds = [p["tokens_per_s_per_device"] for p in plans]
+    assert speeds == sorted(speeds, reverse=True)
+    for p in plans:  # each layout is a real titan-train layout of 4 ranks
+        k = p["layout"]
+        degrees = (
+            k["data_parallel_replicate_degree"] * k["data_parallel_shard_degree"]
+            * k["tensor_parallel_degree"] * k["pipeline_parallel_degree"]
+            * k["context_parallel_degree"]
+        )  # fmt: skip
+        assert degrees == 4
+
+
+def test_search_prints_ready_to_paste_toml():
+    import tomllib
+
+    out = run_plan(*flags(), "--gpu", "cpu", "--gpus-per-node", "2", "--search", "--top", "1")
+    assert out.returncode == 0, out.stderr
+    toml_text = out.stdout.split("\n\n#1:")[1].split("\n", 1)[1]
+    parsed = tomllib.loads(toml_text)
+    assert set(parsed) >= {"parallelism", "activation_checkpoint", "training"}
+    config = build_config(flags())
+    for key, value in parsed["parallelism"].items():
+        setattr(config.parallelism, key, value)
+    ParallelDims.from_config(config.parallelism, 2)  # the pasted layout is one titan-train takes

@@ -249,7 +249,18 @@ def _bubble_fraction(config: JobConfig, dims: ParallelDims) -> float:
 
 
 def model_shape(spec: Any, args: Any, seq_len: int) -> ModelShape:
-    """Read :class:`ModelShape` from the model args and a meta-device build of the model."""
+    """Read :class:`ModelShape` from the model args and a meta-device build of the model
+    (once per model and sequence length: a search asks for it for every layout)."""
+    key = (spec.name, repr(args), seq_len)
+    if key not in _SHAPES:
+        _SHAPES[key] = _read_shape(spec, args, seq_len)
+    return _SHAPES[key]
+
+
+_SHAPES: dict[tuple, ModelShape] = {}
+
+
+def _read_shape(spec: Any, args: Any, seq_len: int) -> ModelShape:
     import torch
     from torch import nn
 

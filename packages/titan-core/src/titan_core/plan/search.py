@@ -16,21 +16,36 @@ from collections.abc import Iterator
 from titan_core.config import JobConfig
 from titan_core.errors import UserError
 from titan_core.plan.cost import step_cost
+from titan_core.plan.devices import GIB
 from titan_core.plan.memory import Progress
 from titan_core.plan.planner import Plan, Target, check_layout, for_target, plan_layout
 from titan_core.plan.report import as_json, layout, parallelism_toml
 
-BATCHES = (1, 2, 4, 8, 16, 32)
+BATCHES = (1, 2, 4, 8, 16)
+# Context parallel only where each rank keeps at least this many positions of the sequence
+# (below it, CP's K/V exchange outweighs what it saves; torchtitan uses CP from 32k tokens).
+MIN_CP_POSITIONS = 4096
+# The search stops once the layouts found are within this fraction of the best estimate left
+# unvisited: the time model does not rank closer than that.
+RANK_TOLERANCE = 0.02
 AC_ORDER = ("none", "selective", "full")  # most to least activation memory
 MAX_NODES = 4096
 
 
+# Bytes per parameter a device keeps whatever the batch: fp32 weights, gradients and AdamW's
+# two states, sharded over every dimension but dp_replicate. Used only to skip probing
+# layouts that cannot fit; reported numbers always come from a probe.
+STATE_BYTES_PER_PARAM = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One layout to try, with its estimated tokens/s per device."""
+    """One layout to try, with its estimated tokens/s per device and the memory its weights,
+    gradients and optimizer state need at the least (GiB, before any activation)."""
 
     config: JobConfig
     tokens_per_s: float
+    state_gib: float
 
     @property
     def key(self) -> tuple:
@@ -98,51 +113,108 @@ def candidates(config: JobConfig, target: Target) -> list[Candidate]:
         if shape is None:
             shape = model_shape(checked.spec, checked.model_args, c.training.seq_len)
         cost = step_cost(shape, c, checked.dims, target.device, target.per_node)
-        found.append(Candidate(c, cost.tokens_per_s))
+        d = checked.dims
+        shards = d.dp_shard * d.cp * d.tp * d.pp
+        state = shape.params * STATE_BYTES_PER_PARAM / shards / GIB
+        found.append(Candidate(c, cost.tokens_per_s, state))
     return sorted(found, key=lambda x: -x.tokens_per_s)
 
 
 def search(
     config: JobConfig, target: Target, top: int, progress: Progress | None = None
 ) -> tuple[list[Plan], int, int]:
-    """The ``top`` fastest layouts that fit; also how many were considered and probed.
+    """The ``top`` fastest layouts that fit, one per layout family (everything but the local
+    batch, at its largest batch that fits); also how many were considered and probed.
 
-    A layout family (everything but the local batch) is probed at its two smallest batches
-    first; activation memory grows linearly with the batch, so that screens every larger
-    batch. A layout is reported only after a probe of its own confirms that it fits.
+    Layouts whose weights, gradients and optimizer state alone exceed the device are dropped
+    unprobed. Families are visited fastest first (by their largest batch's estimate), and the
+    search stops once ``top`` found layouts beat every family not yet visited (within
+    :data:`RANK_TOLERANCE`). A layout is
+    first probed at its least memory (full AC, smallest batch): if that does not fit, none of
+    its AC modes and batches do. Within a family memory grows with the batch, so the largest
+    batch that fits is found by bisection. Every layout reported was probed.
     """
-    ranked = candidates(config, target)
+    every = candidates(config, target)
+    ranked = [c for c in every if c.state_gib <= target.device.usable_gib]
+    families: dict[tuple, list[Candidate]] = {}
+    for cand in ranked:  # fastest first, so each family's first member is its upper bound
+        families.setdefault(cand.key[:-1], []).append(cand)
+    prober = _Prober(target, progress)
+    floors: dict[tuple, bool] = {}  # layout (AC and batch aside) -> fits at full AC, batch 1
     fitting: list[Plan] = []
-    screens: dict[tuple, tuple[int, float, int, float]] = {}
-    plans: dict[tuple, Plan] = {}
-
-    def probe(cand: Candidate) -> Plan:
-        if cand.key not in plans:
-            if progress is not None:
-                progress(f"probe {len(plans) + 1}: {_short(cand.config)}")
-            plans[cand.key] = plan_layout(cand.config, target, all_ac=False)
-        return plans[cand.key]
-
-    batches = {}
-    for cand in ranked:
-        batches.setdefault(cand.key[:-1], []).append(cand)
-    for cand in ranked:
-        if len(fitting) == top:
+    for family in families.values():
+        bound = family[0].tokens_per_s * (1 - RANK_TOLERANCE)
+        if len(fitting) == top and fitting[-1].cost.tokens_per_s >= bound:
             break
-        family = cand.key[:-1]
-        if family not in screens:
-            smallest = sorted(batches[family], key=lambda x: x.key[-1])[:2]
-            sizes = [(x.key[-1], probe(x).memory_gib) for x in smallest]
-            screens[family] = (*sizes[0], *sizes[-1])
-        b1, m1, b2, m2 = screens[family]
-        b = cand.key[-1]
-        estimate = m1 if b2 == b1 else m1 + (m2 - m1) * (b - b1) / (b2 - b1)
-        if estimate > target.device.memory_gib:
-            continue
-        plan = probe(cand)
-        if plan.fits:
-            fitting.append(plan)
-    return fitting, len(ranked), len(plans)
+        floor = family[0].key[:-2]
+        if floor not in floors:
+            floors[floor] = _fits(prober.plan(_floor(family[0], families)))
+        best = _largest_batch_that_fits(family, prober) if floors[floor] else None
+        if best is not None:
+            fitting = sorted([*fitting, best], key=lambda p: -p.cost.tokens_per_s)[:top]
+    return fitting, len(every), prober.count
+
+
+class _Prober:
+    """Plans layouts once each; a failing probe skips its layout with a line saying why."""
+
+    def __init__(self, target: Target, progress: Progress | None) -> None:
+        self.target, self.progress = target, progress
+        self.plans: dict[tuple, Plan | None] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.plans)
+
+    def plan(self, cand: Candidate) -> Plan | None:
+        if cand.key not in self.plans:
+            n = self.count + 1
+            try:
+                plan = plan_layout(cand.config, self.target, all_ac=False)
+            except Exception as e:  # one layout's failure must not end the search
+                _skip(self.progress, cand, e)
+                plan = None
+            self.plans[cand.key] = plan
+            if plan is not None and self.progress is not None:
+                verdict = "fits" if plan.fits else "does not fit"
+                self.progress(
+                    f"probe {n}: {_short(cand.config)}: {plan.memory_gib:.1f} GiB, {verdict}"
+                )
+        return self.plans[cand.key]
+
+
+def _largest_batch_that_fits(family: list[Candidate], prober: _Prober) -> Plan | None:
+    """Bisection over the family's batches (memory grows with the batch)."""
+    by_batch = sorted(family, key=lambda c: c.key[-1])
+    lo, hi, best = 0, len(by_batch) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        plan = prober.plan(by_batch[mid])
+        if _fits(plan):
+            best, lo = plan, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _fits(plan: Plan | None) -> bool:
+    return plan is not None and plan.fits
+
+
+def _floor(cand: Candidate, families: dict[tuple, list[Candidate]]) -> Candidate:
+    """The least memory ``cand``'s layout can take: full AC at its smallest batch (if full AC
+    does not fit there, no AC mode and no batch does)."""
+    *layout_key, _, _ = cand.key
+    full = [c for key, group in families.items() if key[:-1] == tuple(layout_key)
+            and key[-1] == "full" for c in group]  # fmt: skip
+    return min(full or [cand], key=lambda c: c.key[-1])
+
+
+def _skip(progress: Progress | None, cand: Candidate, error: Exception) -> None:
+    """Say which layout's probe failed and why, in one line, and go on."""
+    if progress is not None:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        progress(f"skipped {_short(cand.config)}: its probe failed ({reason})")
 
 
 def _short(config: JobConfig) -> str:
