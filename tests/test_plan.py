@@ -200,3 +200,21 @@ def test_search_prints_ready_to_paste_toml():
     for key, value in parsed["parallelism"].items():
         setattr(config.parallelism, key, value)
     ParallelDims.from_config(config.parallelism, 2)  # the pasted layout is one titan-train takes
+
+
+def test_a_compiled_async_tp_config_is_probed_eagerly():
+    """The probe measures eager memory: compile and async TP (a compile pass) are left out of
+    it, not refused (torchtitan's 70B and 405B TOMLs use both)."""
+    async_tp = flags(
+        "--compile.enable", "--parallelism.tensor_parallel_degree", "2",
+        "--parallelism.enable_async_tensor_parallel",
+    )  # fmt: skip
+    plan = plan_layout(build_config(async_tp), Target(find_device("cpu", 2), 1, 2), all_ac=False)
+    assert plan.fits and plan.peak.total > 0
+
+
+def test_help_lists_the_target_flags():
+    out = run_plan("--help")
+    assert out.returncode == 0
+    for flag in ("--gpu", "--nodes", "--gpus-per-node", "--search", "--top", "--json"):
+        assert flag in out.stdout

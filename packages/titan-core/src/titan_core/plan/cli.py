@@ -17,7 +17,22 @@ from dataclasses import dataclass, field
 
 from titan_core.errors import UserError
 
-USAGE = __doc__
+USAGE = """usage: titan-plan [titan-train's --job.config_file and --section.key flags]
+                  [--gpu NAME] [--nodes N] [--gpus-per-node N] [--search [--top K]] [--json]
+
+Will this model and layout fit, and how fast will it run? Memory per device comes from
+titan's own training step run on fake tensors at the target's world size; time from a model
+of the device (docs/planning.md).
+
+  --gpu NAME          h100 (SXM 80 GB), h200, a100 (80 GB), b200, h100-hbm2e, or cpu
+                      (this machine); default h100
+  --nodes N           hosts; default 1
+  --gpus-per-node N   devices (cpu: processes) per host; default 8 (cpu: 1)
+  --search            rank the layouts that fit (parallel degrees, AC mode, local batch,
+                      Float8) instead of planning the config's own
+  --top K             how many layouts --search prints; default 3
+  --json              print one JSON object instead of the report
+"""
 
 
 @dataclass

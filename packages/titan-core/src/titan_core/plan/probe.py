@@ -84,9 +84,11 @@ class StepMemory:
 
 
 def probe_config(config: JobConfig) -> JobConfig:
-    """The config the probe runs: the user's, without compile and with for-loop AdamW."""
+    """The config the probe runs: the user's, without compile (nor async TP, a compile pass)
+    and with for-loop AdamW."""
     probe = copy.deepcopy(config)
     probe.compile.enable = False
+    probe.parallelism.enable_async_tensor_parallel = False  # a compile pass
     if probe.optimizer.implementation == "fused":
         probe.optimizer.implementation = "for-loop"
     resolve_debug(probe)
