@@ -78,7 +78,7 @@ def as_text(plan: Plan) -> str:
         "layout: " + ", ".join(f"{k} {v}" for k, v in lay.items()),
         f"parameters: {j['num_params']:,}",
         "",
-        f"memory per device (worst rank {j['worst_rank']}; {j['memory_method']}):",
+        f"memory per device at the step's peak (worst rank {j['worst_rank']}; {j['memory_method']}):",
     ]
     for cat, gib in j["memory_breakdown_gib"].items():
         lines.append(f"  {cat:<13}{gib:9.2f} GiB")
