@@ -7,7 +7,6 @@ import dataclasses
 from typing import Any
 
 from titan_core.config import JobConfig
-from titan_core.errors import UserError
 from titan_core.parallel.pipeline import stages_per_rank
 from titan_core.plan.cost import ModelShape, StepCost, model_shape, step_cost
 from titan_core.plan.devices import GIB, Device
@@ -145,10 +144,3 @@ def _n_stages(config: JobConfig) -> int:
     if p.pipeline_parallel_degree == 1:
         return 1
     return p.pipeline_parallel_degree * stages_per_rank(p.pipeline_parallel_schedule)
-
-
-def refuse_target(nodes: int, per_node: int) -> None:
-    """Target sizes that cannot exist."""
-    for name, value in (("--nodes", nodes), ("--gpus-per-node", per_node)):
-        if value < 1:
-            raise UserError(f"{name}={value}: must be >= 1")

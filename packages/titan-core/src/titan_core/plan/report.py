@@ -8,8 +8,6 @@ from titan_core.plan.devices import GIB
 from titan_core.plan.planner import Plan
 from titan_core.plan.probe import CATEGORIES
 
-LINKS = {True: "NVLink", False: "network"}
-
 
 def layout(plan_or_config: Any) -> dict[str, Any]:
     """The planned layout's knobs, by name."""
