@@ -73,11 +73,11 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (not tests): ratios against references measured in the same run.
 
     ``nox -s bench`` runs them all; ``nox -s bench -- NAME`` one of them (train, parallel,
-    checkpoint, convert, moe, float8, data, plan).
+    checkpoint, convert, moe, float8, data, plan, kernels).
     """
     _install(session)
     which = session.posargs or [
-        "train", "parallel", "checkpoint", "convert", "moe", "float8", "data", "plan",
+        "train", "parallel", "checkpoint", "convert", "moe", "float8", "data", "plan", "kernels",
     ]  # fmt: skip
     for name in which:
         session.run("python", f"bench/bench_{name}.py")
