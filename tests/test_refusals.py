@@ -103,3 +103,37 @@ def test_a_dump_folder_that_cannot_be_written_is_refused(capsys):
         pytest.skip(f"{target} is not a read-only folder on this machine")
     err = refuse(["--job.dump_folder", target], capsys)
     assert "job.dump_folder: /proc/sys is not writable" in err
+
+
+# Each CLI with an argv its parser accepts; what runs after parsing is replaced by a refusal.
+CLIS = {
+    "titan_core.plan.cli": ["--gpu", "h100"],
+    "titan_core.generate_cli": ["model", "--prompt", "x"],
+    "titan_core.evaluate_cli": ["model", "--text-file", "t.txt"],
+    "titan_convert.cli": ["hf-to-dcp", "in", "out"],
+}
+
+
+@pytest.mark.parametrize("cli", sorted(CLIS))
+def test_every_cli_reports_bad_input_in_one_line_or_a_traceback_on_debug(cli, monkeypatch, capsys):
+    """The CLIs share one reporter: ``PROG: error: ...``, exit 2; TITAN_DEBUG=1 raises."""
+    import importlib
+
+    from titan_core.errors import UserError
+
+    module = importlib.import_module(cli)
+
+    def refuse(*args, **kwargs):
+        raise UserError("some.key: a bad value; use a good one")
+
+    for name in ("run", "run_perplexity", "_check_flags"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, refuse)
+    monkeypatch.delenv("TITAN_DEBUG", raising=False)
+    assert module.main(CLIS[cli]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("titan-") and "\n" not in err
+    assert err.endswith(": error: some.key: a bad value; use a good one")
+    monkeypatch.setenv("TITAN_DEBUG", "1")
+    with pytest.raises(UserError, match=r"some\.key"):
+        module.main(CLIS[cli])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -19,7 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from titan_core.errors import UserError
+from titan_core.errors import UserError, report_user_error
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -140,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run(opts)
         except UserError as e:
-            if os.environ.get("TITAN_DEBUG") == "1":
-                raise
-            print(f"titan-convert: error: {e}", file=sys.stderr)
-            return 2
+            return report_user_error("titan-convert", e)
         except BaseException as e:
             if not (ctrl_c or isinstance(e, KeyboardInterrupt)):
                 raise

@@ -8,9 +8,21 @@ was found and the fix.
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 class UserError(Exception):
     """Bad input that a person can fix; printed as one line, exit code 2."""
+
+
+def report_user_error(prog: str, error: UserError) -> int:
+    """Print ``error`` as ``PROG: error: ...`` on stderr and return exit code 2; with
+    ``TITAN_DEBUG=1``, raise it instead, for the traceback."""
+    if os.environ.get("TITAN_DEBUG") == "1":
+        raise error
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
 
 
 class RunStopped(Exception):

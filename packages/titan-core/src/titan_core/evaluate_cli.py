@@ -18,7 +18,6 @@ import contextlib
 import importlib.util
 import itertools
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from titan_core.errors import UserError
+from titan_core.errors import UserError, report_user_error
 from titan_core.evaluate import (
     LM_EVAL_MISSING,
     Progress,
@@ -255,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_flags(opts)
         result = run_lm_eval(opts) if opts.tasks else run_perplexity(opts)
     except UserError as e:
-        if os.environ.get("TITAN_DEBUG") == "1":
-            raise
-        print(f"titan-eval: error: {e}", file=sys.stderr)
-        return 2
+        return report_user_error("titan-eval", e)
     _print(opts, result)
     return 0
 

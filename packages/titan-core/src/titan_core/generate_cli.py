@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from titan_core.errors import UserError
+from titan_core.errors import UserError, report_user_error
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -121,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         completions = run(opts)
     except UserError as e:
-        if os.environ.get("TITAN_DEBUG") == "1":
-            raise
-        print(f"titan-generate: error: {e}", file=sys.stderr)
-        return 2
+        return report_user_error("titan-generate", e)
     for text in completions:
         print(text, flush=True)
     return 0

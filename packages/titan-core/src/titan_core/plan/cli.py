@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 
-from titan_core.errors import UserError
+from titan_core.errors import UserError, report_user_error
 
 USAGE = """usage: titan-plan [titan-train's --job.config_file and --section.key flags]
                   [--gpu NAME] [--nodes N] [--gpus-per-node N] [--search [--top K]] [--json]
@@ -121,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except UserError as e:
-        if os.environ.get("TITAN_DEBUG") == "1":
-            raise
-        print(f"titan-plan: error: {e}", file=sys.stderr)
-        return 2
+        return report_user_error("titan-plan", e)
 
 
 if __name__ == "__main__":
