@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 from bench_train import _fmt, build_ours, timed
-from titan_core.metrics import device_peak_flops, measure_matmul_flops
+from titan_core.metrics import device_peak_flops
 
 FLOAT8 = ["--model.converters", "quantize.linear.float8"]
 
@@ -52,13 +52,10 @@ def main() -> None:
             fn(), fn()
         tokens = args.seq_len * args.batch
         measured: dict[str, list[float]] = {name: [] for name in runs}
-        rates = []
         for _ in range(args.rounds):
-            on_cpu = device.type == "cpu"
-            rates.append(measure_matmul_flops(device) if on_cpu else device_peak_flops(device)[0])
             for name, fn in steps.items():
                 measured[name].append(timed(fn, args.steps, tokens, device))
-        report(args, device, runs, measured, statistics.median(rates))
+        report(args, device, runs, measured, device_peak_flops(device)[0])
 
 
 def report(args, device, runs, measured, rate) -> None:

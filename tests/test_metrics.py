@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from titan_core import metrics
+from titan_core import metrics, peak_flops
 from titan_core.errors import UserError
 from titan_core.metrics import (
     MetricsLogger,
@@ -101,10 +101,13 @@ def test_cpu_peak_does_not_move_when_the_probe_reads_low(monkeypatch, tmp_path):
     """A matmul probe slowed by other work (CI under load) must not lower the peak: MFU read
     1.34 that way. The clock x vector width is a floor, and the highest rate ever measured on
     the machine (cached) holds the peak from run to run."""
-    from titan_core import metrics
+    from titan_core import peak_flops as metrics
+    from titan_core.peak_flops import CpuInfo
 
     monkeypatch.setenv("TITAN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(metrics, "_cpuinfo", lambda: ("Some CPU", {"sse2", "avx", "avx2"}, 2e9))
+    monkeypatch.setattr(
+        metrics, "_cpuinfo", lambda: CpuInfo("Some CPU", {"sse2", "avx", "avx2"}, 2e9)
+    )
     monkeypatch.setattr(metrics.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     floor = 2 * 2e9 * 32
     assert metrics.cpu_peak_flops(2, floor / 50)[0] == floor  # a stalled probe, first run
@@ -112,7 +115,7 @@ def test_cpu_peak_does_not_move_when_the_probe_reads_low(monkeypatch, tmp_path):
     rate, description = metrics.cpu_peak_flops(2, floor / 50)  # stalled again: remembered
     assert rate == floor * 1.4 and "highest" in description
     assert metrics.cpu_peak_flops(8, floor)[0] == 2 * floor  # at most the 4 cores it may use
-    monkeypatch.setattr(metrics, "_cpuinfo", lambda: ("Wide CPU", {"avx2", "avx512f"}, 1e9))
+    monkeypatch.setattr(metrics, "_cpuinfo", lambda: CpuInfo("Wide CPU", {"avx2", "avx512f"}, 1e9))
     assert metrics.cpu_peak_flops(1, 1.0)[0] == 1e9 * 64
     monkeypatch.setattr(metrics, "_cpuinfo", lambda: None)  # no /proc/cpuinfo: measured only
     assert metrics.cpu_peak_flops(3, 5e9)[0] == 5e9
@@ -254,6 +257,40 @@ def test_peak_table_keys_match_the_contract():
     assert metrics.PEAK_BF16_FLOPS["H100"] == 989.4e12
 
 
+ZEN4_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+cpu MHz\t\t: 2596.146
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_bf16
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+"""
+
+
+def test_the_cpu_peak_counts_amd_zen4_avx512_at_half_width(monkeypatch, tmp_path):
+    """Zen 4 runs a 512-bit FMA as two 256-bit halves: AVX2's 32 FLOPs/cycle, not 64. Counted at
+    64, MFU read 30% on a Zen 4 VM where the matmuls ran at 56% of that figure (and ~95% of 32)."""
+    from titan_core.peak_flops import CpuInfo, cpu_peak_flops, parse_cpuinfo
+
+    info = parse_cpuinfo(ZEN4_CPUINFO)
+    assert (info.vendor, info.family, info.hz) == ("AuthenticAMD", 25, 2596.146e6)
+    assert {"avx2", "avx512f"} <= info.flags
+    monkeypatch.setenv("TITAN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(peak_flops.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(peak_flops, "_cpuinfo", lambda: info)
+    assert cpu_peak_flops(2, 1.0)[0] == 2 * 2596.146e6 * 32
+    zen5 = info._replace(family=26)  # full-width AVX-512
+    monkeypatch.setattr(peak_flops, "_cpuinfo", lambda: zen5)
+    assert cpu_peak_flops(2, 1.0)[0] == 2 * 2596.146e6 * 64
+    intel = CpuInfo("Xeon", {"avx2", "avx512f"}, 2e9, "GenuineIntel", 6)
+    monkeypatch.setattr(peak_flops, "_cpuinfo", lambda: intel)
+    assert cpu_peak_flops(1, 1.0)[0] == 2e9 * 64
+    assert parse_cpuinfo("processor\t: 0\nmodel name\t: no clock\n") is None
+
+
 def test_device_peak_flops_unknown_gpu_warns_and_measures_bf16(monkeypatch, caplog):
     calls = []
 
@@ -264,7 +301,7 @@ def test_device_peak_flops_unknown_gpu_warns_and_measures_bf16(monkeypatch, capl
     monkeypatch.setattr(
         torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090"
     )
-    monkeypatch.setattr(metrics, "_measured_rate", fake_rate)
+    monkeypatch.setattr(peak_flops, "_measured_rate", fake_rate)
     with caplog.at_level(logging.WARNING, logger="titan"):
         rate, description = device_peak_flops(torch.device("cuda", 0))
     assert (rate, calls) == (123e12, [torch.bfloat16])
