@@ -166,8 +166,8 @@ KERNELS = {
 def kernel_split(fn, steps: int) -> dict[str, float]:
     """Shares of the profiled self time of ``steps`` calls of ``fn``: matmul, attention, other.
 
-    The profiler's own cost lands on the many small ops, so "other" reads high and the ceiling
-    computed from it reads high too: the bound errs on the side of the goal being reachable.
+    The profiler's own cost lands on the many small ops, so "other" reads high; the ceiling is
+    therefore measured by :func:`replay_library_calls`, not computed from these shares.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -196,7 +196,9 @@ def replay_library_calls(fn):
 
     Each ``aten::mm`` is replayed on contiguous operands of its recorded shapes, each SDPA
     forward as SDPA forward and backward on inputs of its shapes. Operand layouts (transposed
-    or not) are not recorded; on this CPU they move a matmul's rate both ways by under 15%.
+    or not) are not recorded; interleaved runs on this CPU found them within a few percent. Only
+    ``aten::mm`` is replayed (llama's linears have no bias): a model whose step also calls
+    ``addmm`` or ``bmm`` would get a ceiling that reads high, never low.
     """
     from torch.profiler import ProfilerActivity, profile
 

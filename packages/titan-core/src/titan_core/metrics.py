@@ -31,7 +31,6 @@ import torch
 from titan_core.errors import UserError
 from titan_core.peak_flops import (  # noqa: F401  (the MFU denominator, re-exported)
     PEAK_BF16_FLOPS,
-    cpu_peak_flops,
     device_peak_flops,
     measure_matmul_flops,
 )
