@@ -8,7 +8,10 @@ one run, so a lever that does not pay is on record with its number:
   softmax, eager and compiled (flex attention has no CPU backward in torch 2.13);
 - the feed-forward (SwiGLU): eager vs ``torch.compile`` default vs ``mode="max-autotune"``
   (inductor's own C++ GEMM instead of the BLAS library's);
-- the q/k/v projections: three matmuls (titan's layout) vs one fused matmul of their width.
+- the q/k/v projections: three matmuls (titan's layout) vs one fused matmul of their width;
+- fp32 matmuls computed in bfloat16 by oneDNN (``torch.backends.mkldnn.matmul.fp32_precision =
+  "bf16"``, the CPU's TF32), with the error against float64 printed, since the setting is taken
+  silently on CPUs whose oneDNN build does not use it (the error then stays at fp32's).
 
     nox -s bench -- kernels          # or: python bench/bench_kernels.py --flavor debugmodel
 """
@@ -105,6 +108,27 @@ def projection_rows(tokens, dim, q_width, kv_width, rounds):
     ]
 
 
+def matmul_precision_rows(tokens, dim, hidden, rounds):
+    """fp32 matmul at IEEE precision vs oneDNN's bf16 path; labels carry the max error vs fp64."""
+    x = torch.randn(tokens, dim, requires_grad=True)
+    w = torch.randn(hidden, dim, requires_grad=True)
+    exact = F.linear(x.double(), w.double())
+    grad = torch.randn(tokens, hidden)
+    setting = torch.backends.mkldnn.matmul
+    before = setting.fp32_precision
+    label = f"fp32 matmul {tokens} tokens, {dim} -> {hidden}"
+    rows = []
+    try:
+        for precision in ("ieee", "bf16"):
+            setting.fp32_precision = precision
+            error = (F.linear(x, w).double() - exact).abs().max().item()
+            ms = timed_ms(F.linear, (x, w), grad, rounds)
+            rows.append((label, f"{precision} (err {error:.0e})", ms))
+    finally:
+        setting.fp32_precision = before
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flavor", default="debugmodel", help="llama3 flavor for the shapes")
@@ -122,6 +146,7 @@ def main() -> None:
     rows += feed_forward_rows(tokens, a.dim, hidden, args.rounds)
     q_width, kv_width = a.n_heads * head_dim, a.n_kv_heads * head_dim
     rows += projection_rows(tokens, a.dim, q_width, kv_width, args.rounds)
+    rows += matmul_precision_rows(tokens, a.dim, hidden, args.rounds)
     print(f"CPU, threads {torch.get_num_threads()}, llama3 {args.flavor} shapes, fp32, fwd+bwd")
     base: dict[str, float] = {}
     for label, name, ms in rows:  # the first row of each label is titan's kernel
