@@ -88,6 +88,68 @@ def largest_file(folder: Path, suffix: str) -> int:
     return max(p.stat().st_size for p in folder.iterdir() if p.name.endswith(suffix))
 
 
+def conversion_steps(src: Path, work: Path, shard_size: str) -> dict[str, list[str]]:
+    """The commands of one round, references first, each writing under ``work``."""
+    convert = [sys.executable, "-m", "titan_convert"]
+    return {
+        "cp -r (reference)": ["cp", "-r", str(src), str(work / "copy")],
+        "cp -r + sync": ["sh", "-c", f"cp -r '{src}' '{work / 'copy'}' && sync"],
+        # The bytes of the folder read and written back from user space (what any
+        # converter must do, unlike cp, which copies inside the kernel): a floor for us.
+        "python read + write + fsync": [sys.executable, "-S", "-c", _RAW_COPY, str(src),
+                                        str(work / "copy")],
+        "hf-to-dcp": [*convert, "hf-to-dcp", str(src), str(work / "dcp"), "--dtype",
+                      "bfloat16"],
+        "dcp-to-hf": [*convert, "dcp-to-hf", str(work / "dcp"), str(work / "out"),
+                      "--export-dtype", "bfloat16", "--max-shard-size", shard_size],
+        # MiB/s of this row count the bf16 bytes produced, as the other rows do
+        "hf-to-dcp from FP8": [*convert, "hf-to-dcp", str(work / "fp8"),
+                               str(work / "dcp8"), "--dtype", "bfloat16"],
+    }  # fmt: skip
+
+
+def run_rounds(
+    steps: dict[str, list[str]], work: Path, rounds: int
+) -> dict[str, list[tuple[float, float]]]:
+    """(seconds, peak RSS MiB) of every step in every round, each step from clean outputs."""
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, cmd in steps.items():
+            shutil.rmtree(work / "copy", ignore_errors=True)
+            if name != "dcp-to-hf":  # dcp-to-hf reads the DCP that hf-to-dcp just wrote
+                shutil.rmtree(work / "dcp", ignore_errors=True)
+            if name == "dcp-to-hf":
+                shutil.rmtree(work / "out", ignore_errors=True)
+            shutil.rmtree(work / "dcp8", ignore_errors=True)
+            # NOTE: written-back page cache before every step: the kernel throttles a writer
+            # while earlier steps' dirty pages are still being flushed.
+            os.sync()
+            results[name].append(measure(cmd))
+    return results
+
+
+def print_table(
+    src: Path, results: dict[str, list[tuple[float, float]]], startup: float, baseline: float
+) -> None:
+    size, shard = folder_bytes(src), largest_file(src, ".safetensors")
+    cp_seconds = min(s for s, _ in results["cp -r (reference)"])
+    print(f"\nmodel: {size / MB:,.0f} MiB bf16 in {len(list(src.glob('*.safetensors')))} "
+          f"shards (largest {shard / MB:,.0f} MiB); interpreter + imports alone: "
+          f"{startup:.2f} s, {baseline:,.0f} MiB RSS; {os.cpu_count()} cores\n")  # fmt: skip
+    # The conversions' own work: their time less the interpreter and imports (cp and the
+    # plain copy start in milliseconds).
+    print("| step | seconds | MiB/s | throughput vs cp | after start-up: MiB/s, vs cp "
+          "| peak RSS (MiB) | RSS / largest shard |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name, runs in results.items():
+        seconds = min(s for s, _ in runs)
+        rss = max(r for _, r in runs)
+        busy = seconds - startup if name.startswith(("hf-to-dcp", "dcp-to-hf")) else seconds
+        print(f"| {name} | {seconds:.2f} | {size / MB / seconds:,.0f} | "
+              f"{cp_seconds / seconds:.0%} | {size / MB / busy:,.0f}, {cp_seconds / busy:.0%} "
+              f"| {rss:,.0f} | {rss * MB / shard:.2f} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="blocks (4: about 1 GB in bf16)")
@@ -101,62 +163,12 @@ def main() -> None:
     try:
         src = work / "hf"
         build_hf_folder(src, opts.layers, parse_size(opts.shard_size))
-        size = folder_bytes(src)
         build_fp8_folder(src, work / "fp8")
-        convert = [sys.executable, "-m", "titan_convert"]
-        steps = {
-            "cp -r (reference)": ["cp", "-r", str(src), str(work / "copy")],
-            "cp -r + sync": ["sh", "-c", f"cp -r '{src}' '{work / 'copy'}' && sync"],
-            # The bytes of the folder read and written back from user space (what any
-            # converter must do, unlike cp, which copies inside the kernel): a floor for us.
-            "python read + write + fsync": [sys.executable, "-S", "-c", _RAW_COPY, str(src),
-                                            str(work / "copy")],
-            "hf-to-dcp": [*convert, "hf-to-dcp", str(src), str(work / "dcp"), "--dtype",
-                          "bfloat16"],
-            "dcp-to-hf": [*convert, "dcp-to-hf", str(work / "dcp"), str(work / "out"),
-                          "--export-dtype", "bfloat16", "--max-shard-size", opts.shard_size],
-            # MiB/s of this row count the bf16 bytes produced, as the other rows do
-            "hf-to-dcp from FP8": [*convert, "hf-to-dcp", str(work / "fp8"),
-                                   str(work / "dcp8"), "--dtype", "bfloat16"],
-        }  # fmt: skip
-        startup, baseline = measure(
-            [
-                sys.executable,
-                "-c",
-                "import titan_convert.hf_to_dcp, titan_convert.dcp_to_hf, titan_llama3",
-            ]
-        )
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
-        for _ in range(opts.rounds):
-            for name, cmd in steps.items():
-                shutil.rmtree(work / "copy", ignore_errors=True)
-                if name != "dcp-to-hf":
-                    shutil.rmtree(work / "dcp", ignore_errors=True)
-                if name == "dcp-to-hf":
-                    shutil.rmtree(work / "out", ignore_errors=True)
-                shutil.rmtree(work / "dcp8", ignore_errors=True)
-                # NOTE: written-back page cache before every step: the kernel throttles a writer
-                # while earlier steps' dirty pages are still being flushed.
-                os.sync()
-                results[name].append(measure(cmd))
-        shard = largest_file(src, ".safetensors")
-        cp_seconds = min(s for s, _ in results["cp -r (reference)"])
-        print(f"\nmodel: {size / MB:,.0f} MiB bf16 in {len(list(src.glob('*.safetensors')))} "
-              f"shards (largest {shard / MB:,.0f} MiB); interpreter + imports alone: "
-              f"{startup:.2f} s, {baseline:,.0f} MiB RSS; {os.cpu_count()} cores\n")  # fmt: skip
-        # The conversions' own work: their time less the interpreter and imports (cp and the
-        # plain copy start in milliseconds).
-        print("| step | seconds | MiB/s | throughput vs cp | after start-up: MiB/s, vs cp "
-              "| peak RSS (MiB) | RSS / largest shard |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|")
-        for name, runs in results.items():
-            seconds = min(s for s, _ in runs)
-            rss = max(r for _, r in runs)
-            busy = seconds - startup if name.startswith(("hf-to-dcp", "dcp-to-hf")) else seconds
-            print(f"| {name} | {seconds:.2f} | {size / MB / seconds:,.0f} | "
-                  f"{cp_seconds / seconds:.0%} | {size / MB / busy:,.0f}, {cp_seconds / busy:.0%} "
-                  f"| {rss:,.0f} | {rss * MB / shard:.2f} |")  # fmt: skip
-        assert folder_bytes(work / "out") == size  # the round trip wrote every byte back
+        imports = "import titan_convert.hf_to_dcp, titan_convert.dcp_to_hf, titan_llama3"
+        startup, baseline = measure([sys.executable, "-c", imports])
+        results = run_rounds(conversion_steps(src, work, opts.shard_size), work, opts.rounds)
+        print_table(src, results, startup, baseline)
+        assert folder_bytes(work / "out") == folder_bytes(src)  # the round trip wrote every byte
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
