@@ -8,7 +8,8 @@ memory and loss are read from the run's own ``metrics.jsonl``, so the MFU printe
 trainer's. A run that runs out of memory is retried once with full activation checkpointing.
 The table is printed as runs finish and written as JSON under ``bench/results/`` after each run.
 When torchtitan is importable, its llama3 trains the same shapes and batch (bf16 + compile) in
-the same invocation and the ratio is printed.
+the same invocation and the ratio is printed. A second table puts titan-plan's prediction of
+each titan run (tokens/s, peak memory, fits or not; ``gpu_plan.py``) beside what it measured.
 
 The GPU machine has PyTorch but no package registry: ``--print-wheels`` lists the wheels to carry
 in the repo's git-ignored ``.whl/`` folder; the script installs them from there on its own.
@@ -38,7 +39,9 @@ from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import gpu_plan
 import gpu_torchtitan
+from gpu_report import COLUMNS, Row, cells, print_summary, ratios
 
 REPO = Path(__file__).resolve().parents[1]
 say = functools.partial(print, flush=True)
@@ -70,6 +73,7 @@ class Shape:
 GPU_SHAPES = (Shape("1B", "1B", batch=2), Shape("3B", "3B"), Shape("8B", "8B", n_layers=16))
 DRY_SHAPES = (Shape("debugmodel", "debugmodel", n_layers=2, batch=2),)
 MODES = ("eager", "compile", "float8+compile")
+PLAN_TIMEOUT_S = 120  # titan-plan on every configuration, at most
 
 
 @dataclass(frozen=True)
@@ -88,30 +92,6 @@ class Plan:
     tests_timeout_s: float
     run_tests: bool
     torchtitan_modes: tuple[str, ...]
-
-
-@dataclass
-class Row:
-    """One training run's result; ``None`` where it produced no number."""
-
-    trainer: str
-    shape: str
-    layers: str
-    mode: str
-    precision: str
-    ac: str
-    seq_len: int
-    batch: int
-    status: str = "pending"
-    tokens_per_s: float | None = None
-    tflops: float | None = None
-    mfu: float | None = None
-    memory_gib: float | None = None
-    loss: float | None = None
-    steps: int = 0
-    wall_s: float = 0.0
-    mfu_peak: str = ""
-    note: str = ""
 
 
 # ---- the runs ------------------------------------------------------------------------------
@@ -264,15 +244,21 @@ def use_compile_backend(backend: str) -> None:
         torch.compile = functools.partial(torch.compile, backend=backend)
 
 
-def titan_child(flavor: str, n_layers: int, rest: list[str]) -> int:
-    """Register llama3 in-process with the cut flavor (no install needed), then titan-train."""
-    from titan_core.train import main
+def register_cut_flavors(shapes: list[tuple[str, int]]) -> None:
+    """Register llama3 in this process (no install needed) with each ``(flavor, n_layers)`` as a
+    flavor named like :attr:`Shape.flavor_name`."""
     from titan_core.train_spec import register_train_spec
     from titan_llama3 import train_spec
 
-    name = Shape("", flavor, n_layers or None).flavor_name
-    flavors = {**train_spec.flavors, name: cut_flavor(flavor, n_layers)}
-    register_train_spec(dataclasses.replace(train_spec, flavors=flavors))
+    cut = {Shape("", f, n or None).flavor_name: cut_flavor(f, n) for f, n in shapes}
+    register_train_spec(dataclasses.replace(train_spec, flavors={**train_spec.flavors, **cut}))
+
+
+def titan_child(flavor: str, n_layers: int, rest: list[str]) -> int:
+    """titan-train on the cut flavor."""
+    from titan_core.train import main
+
+    register_cut_flavors([(flavor, n_layers)])
     return main(rest)
 
 
@@ -361,40 +347,6 @@ def run_gpu_tests(plan: Plan, ctx: Context) -> dict:
     wall = round(time.perf_counter() - start, 1)
     return {"command": "pytest tests/test_gpu.py", "returncode": rc, "summary": summary,
             "wall_s": wall}  # fmt: skip
-
-
-COLUMNS = ("trainer", "shape", "layers", "batch x seq", "mode", "precision", "AC", "tokens/s",
-           "TFLOP/s", "MFU", "peak mem (GiB)", "loss @ step", "status")  # fmt: skip
-
-
-def cells(row: Row) -> list[str]:
-    def num(value: float | None, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
-
-    loss = "-" if row.loss is None else f"{row.loss:.4f} @ {row.steps}"
-    return [
-        row.trainer, row.shape, row.layers, f"{row.batch} x {row.seq_len}", row.mode,
-        row.precision, row.ac, num(row.tokens_per_s, ",.0f"), num(row.tflops, ".3g"),
-        num(row.mfu, ".1%"), num(row.memory_gib, ".2f"), loss, row.status,
-    ]  # fmt: skip
-
-
-def table(rows: list[Row]) -> str:
-    lines = [f"| {' | '.join(COLUMNS)} |", f"|{'---|' * len(COLUMNS)}"]
-    lines += [f"| {' | '.join(cells(row))} |" for row in rows]
-    return "\n".join(lines)
-
-
-def ratios(rows: list[Row]) -> list[str]:
-    """titan / torchtitan tokens/s and TFLOP/s for each configuration both ran."""
-    ok = {(r.trainer, r.shape, r.mode): r for r in rows if r.status == "ok"}
-    pairs = [(ok.get(("titan", s, m)), tt) for (t, s, m), tt in ok.items() if t == "torchtitan"]
-    return [
-        f"{tt.shape} {tt.mode}: titan / torchtitan tokens/s {ours.tokens_per_s / tt.tokens_per_s:.2f}x"
-        f", TFLOP/s {ours.tflops / tt.tflops:.2f}x"
-        for ours, tt in pairs
-        if ours is not None
-    ]
 
 
 # ---- main ----------------------------------------------------------------------------------
@@ -486,7 +438,7 @@ def make_context(plan: Plan, out_dir: Path, start: float) -> Context:
         "seq_len": plan.seq_len, "steps": plan.steps,
         "timed_steps": f"median of steps {plan.warmup + 1}-{plan.steps}",
         "compile_backend": plan.compile_backend, "setup": notes, "tests": None, "rows": [],
-        "torchtitan": "", "ratios": [],
+        "torchtitan": "", "ratios": [], "planner": "",
     }  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="titan-bench-"))
     deadline = start + plan.budget_s
@@ -498,6 +450,19 @@ def report_row(ctx: Context, row: Row) -> None:
     ctx.save()
     what = " ".join(f"{c}={v}" for c, v in zip(COLUMNS, cells(row), strict=True))
     say(f"  {what}  ({row.wall_s:.0f} s)" + (f"  [{row.note}]" if row.note else ""))
+
+
+def start_predictions(plan: Plan, ctx: Context) -> gpu_plan.Predictions:
+    """titan-plan on every configuration a titan run may take, in a child of its own."""
+    device = gpu_plan.planner_device(ctx.results["device"], ctx.on_gpu)
+    ctx.results["planner"] = f"titan-plan --gpu {device}" if device else "no titan-plan entry"
+    jobs = [
+        {"key": gpu_plan.job_key(shape.label, mode, ac), "flavor": shape.flavor,
+         "n_layers": shape.n_layers or 0,
+         "argv": titan_args(plan, shape, mode, ac, ctx.work / "planned")}
+        for shape in plan.shapes for mode in plan.modes for ac in gpu_plan.PLANNED_AC
+    ]  # fmt: skip
+    return gpu_plan.start(jobs, device, ctx.work, ctx.env)
 
 
 def run_all(plan: Plan, ctx: Context) -> list[Row]:
@@ -533,13 +498,19 @@ def main(argv: list[str]) -> int:
     say(f"{r['device']}, torch {r['torch']}; runs in {ctx.work}; results -> {ctx.out}")
     if r["setup"]:
         say(f"setup: {r['setup']}")
+    predictions = start_predictions(plan, ctx)  # on CPU, while the tests run
     if plan.run_tests:
         say(f"[{time.strftime('%H:%M:%S')}] pytest tests/test_gpu.py")
         r["tests"] = run_gpu_tests(plan, ctx)
         say(f"  tests/test_gpu.py: {r['tests']['summary']} ({r['tests']['wall_s']:.0f} s)")
         ctx.save()
+    # NOTE: the planner finishes before the timed runs start, so it cannot slow them (it
+    # takes about 30 s on 2 cores, usually within the tests' time).
+    planned = predictions.collect(min(PLAN_TIMEOUT_S, ctx.seconds_left()))
     rows = run_all(plan, ctx)
     r["ratios"] = ratios(rows)
+    gpu_plan.apply(rows, planned, predictions.why_not, ctx.on_gpu)
+    r["rows"] = [dataclasses.asdict(row) for row in rows]
     ctx.save()
     print_summary(plan, ctx, rows, time.monotonic() - start)
     tests_ok = r["tests"] is None or r["tests"]["returncode"] == 0
@@ -548,25 +519,6 @@ def main(argv: list[str]) -> int:
         return 0
     say(f"not every run finished: their logs are in {ctx.work}")
     return 1
-
-
-def print_summary(plan: Plan, ctx: Context, rows: list[Row], took: float) -> None:
-    r = ctx.results
-    say("")
-    say(f"{r['device']}, torch {r['torch']}, seq_len {plan.seq_len}, {plan.steps} steps per "
-            f"run ({r['timed_steps']}), compile backend {plan.compile_backend}")  # fmt: skip
-    if r["tests"]:
-        say(f"tests/test_gpu.py: {r['tests']['summary']}")
-    say(table(rows))
-    peaks = sorted({row.mfu_peak for row in rows if row.mfu_peak})
-    say("MFU is the trainer's own (metrics.jsonl), against " + ("; ".join(peaks) or "-"))
-    say(f"torchtitan: {r['torchtitan']}")
-    for line in r["ratios"]:
-        say(f"  {line}")
-    if any(row.trainer == "torchtitan" and row.shape in ("1B", "3B") for row in rows):
-        say("  (torchtitan's llama3 never ties embeddings: its 1B and 3B carry an untied output "
-            "layer, so compare TFLOP/s as well as tokens/s)")  # fmt: skip
-    say(f"took {took:.0f} s; results: {ctx.out}")
 
 
 if __name__ == "__main__":

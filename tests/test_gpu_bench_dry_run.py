@@ -19,11 +19,20 @@ from helpers import REPO
 MODES = ["eager", "compile", "float8+compile"]
 
 
-def _table(stdout: str) -> tuple[list[str], list[list[str]]]:
-    """The header and the data rows of the markdown table the run prints last."""
-    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-    return rows[0], rows[1:]
+def _tables(stdout: str) -> list[tuple[list[str], list[list[str]]]]:
+    """The header and the data rows of each markdown table the run prints, in order."""
+    tables: list[tuple[list[str], list[list[str]]]] = []
+    lines = stdout.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("| ") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            header = [cell.strip() for cell in line.strip("|").split("|")]
+            body = []
+            for row in lines[i + 2 :]:
+                if not row.startswith("| "):
+                    break
+                body.append([cell.strip() for cell in row.strip("|").split("|")])
+            tables.append((header, body))
+    return tables
 
 
 def test_the_gpu_benchmark_dry_run_fills_every_column(tmp_path):
@@ -31,7 +40,7 @@ def test_the_gpu_benchmark_dry_run_fills_every_column(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
 
-    header, rows = _table(proc.stdout)
+    (header, rows), (plan_header, plan_rows) = _tables(proc.stdout)
     assert "MFU" in header and "tokens/s" in header and "peak mem (GiB)" in header
     assert [row[header.index("mode")] for row in rows] == MODES
     for row in rows:
@@ -39,6 +48,10 @@ def test_the_gpu_benchmark_dry_run_fills_every_column(tmp_path):
         assert row[header.index("status")] == "ok"
         assert row[header.index("layers")] == "2 of 6"  # the layer cut the 8B uses on a GPU
     assert "torchtitan: " in proc.stdout  # compared, or why not
+    # titan-plan's prediction beside each titan run, every cell filled
+    assert [row[plan_header.index("mode")] for row in plan_rows] == MODES
+    for row in plan_rows:
+        assert len(row) == len(plan_header) and all(cell not in ("", "-") for cell in row), row
 
     (path,) = tmp_path.glob("dry-run-*.json")
     result = json.loads(path.read_text())
@@ -52,3 +65,7 @@ def test_the_gpu_benchmark_dry_run_fills_every_column(tmp_path):
         # The MFU is the trainer's: tflops / mfu is the peak the trainer logged it divides by.
         peak = float(row["mfu_peak"].split(" FLOP/s")[0])
         assert row["tflops"] * 1e12 / row["mfu"] == pytest.approx(peak, rel=5e-3)
+        # The plan's numbers are titan-plan's own for the same flags on this machine.
+        assert row["plan_fits"] is True and row["plan_memory_gib"] > 0
+        assert row["plan_tokens_per_s"] > 0 and row["plan_note"] == ""
+    assert result["planner"] == "titan-plan --gpu cpu"
