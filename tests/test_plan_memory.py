@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from helpers import REPO
 from titan_core.config import build_config
@@ -51,12 +52,16 @@ STEP = [
     "--metrics.no_enable_tensorboard",
 ]  # fmt: skip
 
+MOE = ["--model.name", "qwen3", "--model.flavor", "debugmodel_moe"]
+
 # name -> (processes, pipeline degree, layout flags)
 LAYOUTS = {
     "one-process": (1, 1, []),
     "fsdp4": (4, 1, ["--parallelism.data_parallel_shard_degree", "4"]),
     "tp2-fsdp2": (4, 1, ["--parallelism.tensor_parallel_degree", "2"]),
     "pp2-fsdp2": (4, 2, ["--parallelism.pipeline_parallel_degree", "2"]),
+    "moe-one-process": (1, 1, MOE),
+    "moe-ep2-fsdp2": (4, 1, [*MOE, "--parallelism.expert_parallel_degree", "2"]),
 }
 
 
@@ -114,6 +119,8 @@ def measured_peaks(tmp_path: Path, nproc: int, flags: list[str]) -> dict[int, in
         pytest.param("fsdp4", marks=pytest.mark.distributed),
         pytest.param("tp2-fsdp2", marks=pytest.mark.distributed),
         pytest.param("pp2-fsdp2", marks=pytest.mark.distributed),
+        "moe-one-process",
+        pytest.param("moe-ep2-fsdp2", marks=pytest.mark.distributed),
     ],
 )
 def test_estimate_within_15_percent_of_a_real_run(tmp_path, layout, ac):
@@ -140,3 +147,21 @@ def test_estimate_within_15_percent_of_a_real_run(tmp_path, layout, ac):
                 f"rank {rank}: estimate {estimate:,.0f} B, real {real:,} B ({error:+.1%})"
             )
     assert not misses, f"{layout}, AC {ac}: " + "; ".join(misses)
+
+
+def test_moe_stand_ins_split_evenly_and_shape_fp32_grouped_matmuls():
+    from titan_core.parallel import expert_parallel
+    from titan_core.plan.probe_moe import even_split, moe_stand_ins
+
+    assert even_split(10, 4) == [2, 2, 2, 4] and even_split(8, 2) == [4, 4]
+    original = expert_parallel.exchange_sizes
+    fp32 = (torch.randn(64, 32), torch.randn(4, 32, 48), torch.tensor([16, 32, 48, 64]).int())
+    with moe_stand_ins(), FakeTensorMode() as mode:
+        a, b, offs = (mode.from_tensor(t) for t in fp32)
+        out = torch._grouped_mm(a, b, offs=offs)
+        assert out.shape == (64, 48) and out.dtype == torch.float32
+        bf16 = torch._grouped_mm(a.bfloat16(), b.bfloat16(), offs=offs)  # torch's own rule
+        assert bf16.shape == (64, 48) and bf16.dtype == torch.bfloat16
+        send = mode.from_tensor(torch.tensor([3, 5]))
+        assert expert_parallel.exchange_sizes(send, send, 8) == ([4, 4], [4, 4])
+    assert expert_parallel.exchange_sizes is original

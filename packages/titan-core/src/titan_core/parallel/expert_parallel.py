@@ -44,6 +44,26 @@ class _Dispatch:
     order: Tensor | None = None  # received row -> expert-major row
 
 
+def exchange_sizes(send: Tensor, receive: Tensor, rows: int) -> tuple[list[int], list[int]]:
+    """The token all-to-all's split sizes as host integers.
+
+    NOTE: one device-to-host sync per layer. ``rows`` (the rows this rank routes, ``send``'s
+    sum, known without a sync) is not read here: it is what a stand-in without the counts'
+    values needs. titan-plan's probe runs on fake tensors, which have no values, and replaces
+    this function with an even split (``titan_core.plan.probe_moe``).
+
+    Args:
+        send: (ep,) rows this rank sends to each rank.
+        receive: (ep,) rows this rank receives from each rank.
+        rows: ``send.sum()``.
+
+    Returns:
+        (rows to each rank, rows from each rank).
+    """
+    send_sizes, receive_sizes = torch.stack([send, receive]).tolist()
+    return send_sizes, receive_sizes
+
+
 def expert_major_order(counts: Tensor, total: int) -> Tensor:
     """The permutation that re-sorts received tokens from source-rank-major to expert-major.
 
@@ -119,9 +139,8 @@ def dispatch_tokens(
         dist.all_to_all_single(received, counts.contiguous(), group=group)
         received = received.view(ep, local_experts)
         send = counts.view(ep, local_experts).sum(1)
-        # NOTE: the split sizes must be host integers: one device-to-host sync per layer.
-        splits = torch.stack([send, received.sum(1)]).tolist()
-        state.send_splits, state.recv_splits = splits
+        sizes = exchange_sizes(send, received.sum(1), routed_input.shape[0])
+        state.send_splits, state.recv_splits = sizes
         state.order = expert_major_order(received, sum(state.recv_splits))
     tokens = all_to_all_single_autograd(
         routed_input.contiguous(), state.recv_splits, state.send_splits, group

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from titan_core.config import JobConfig
+from titan_core.errors import UserError
 from titan_core.parallel.pipeline import layer_split, stage_ids
 from titan_core.plan.probe import StepMemory, probe_rank
 
@@ -149,4 +150,12 @@ def _probe_quietly(
     """The probe, in a child, without the trainer's build log and torch's warnings."""
     logging.getLogger("titan").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    return probe_rank(config, world_size, rank, n_layers)
+    try:
+        return probe_rank(config, world_size, rank, n_layers)
+    except UserError:
+        raise
+    except Exception as e:
+        # NOTE: re-raised as plain text: torch's exceptions can hold C++ objects that the pool
+        # cannot send back, which hid the cause behind a pickling error.
+        why = f"{type(e).__name__}: {str(e).strip() or 'no message'}"
+        raise RuntimeError(f"the memory probe of rank {rank} failed: {why}") from None

@@ -39,6 +39,7 @@ from titan_core.errors import UserError
 from titan_core.parallel import ParallelDims, check_supported, validate_layout
 from titan_core.parallel.grad_norm import clip_grad_norm_
 from titan_core.parallel.pipeline import split_model, stages_per_rank
+from titan_core.plan.probe_moe import moe_stand_ins
 from titan_core.precision import param_and_reduce_dtypes
 from titan_core.preflight import flavor_args, training_args, validate_training
 from titan_core.quantize import build_converters
@@ -160,6 +161,19 @@ class ProbeTrainer(Trainer):
             converter.after_optimizer_step(self.model_parts)
         self.optimizer.zero_grad(set_to_none=True)
 
+    def prime_optimizer(self) -> None:
+        """The state a first training step leaves behind, without its forward and backward:
+        an optimizer step on zero gradients creates the optimizer's lazily built state."""
+        with torch.no_grad():
+            for part in self.model_parts:
+                for param in part.parameters():
+                    if param.requires_grad:
+                        param.grad = torch.zeros_like(param)
+        self.optimizer.step()
+        for converter in self.converters:
+            converter.after_optimizer_step(self.model_parts)
+        self.optimizer.zero_grad(set_to_none=True)
+
 
 @functools.cache
 def _train_spec(name: str) -> Any:
@@ -177,7 +191,7 @@ def probe_rank(
     Raises:
         UserError: the layout or config is refused, exactly as titan-train refuses it.
     """
-    with _fake_process_group(world_size, rank):
+    with _fake_process_group(world_size, rank), moe_stand_ins():
         trainer = ProbeTrainer(probe_config(config), world_size, rank, n_layers)
         trainer.build()
         fused = config.optimizer.implementation == "fused"
@@ -190,7 +204,7 @@ def probe_rank(
                 for step in range(2):
                     tracker.reset_mod_stats()
                     tracker.recording = step == 1
-                    trainer.fake_step()
+                    trainer.fake_step() if step == 1 else trainer.prime_optimizer()
         return _peak(tracker)
 
 
