@@ -156,10 +156,7 @@ class ProbeTrainer(Trainer):
         self.forward_backward(inputs, labels, 1.0)
         pp_mesh = self.mesh.get("pp") if self.pipeline is not None else None
         clip_grad_norm_(self.model_parts, t.max_norm or float("inf"), pp_mesh)
-        self.optimizer.step()
-        for converter in self.converters:
-            converter.after_optimizer_step(self.model_parts)
-        self.optimizer.zero_grad(set_to_none=True)
+        self._optimizer_step()
 
     def prime_optimizer(self) -> None:
         """The state a first training step leaves behind, without its forward and backward:
@@ -169,6 +166,9 @@ class ProbeTrainer(Trainer):
                 for param in part.parameters():
                     if param.requires_grad:
                         param.grad = torch.zeros_like(param)
+        self._optimizer_step()
+
+    def _optimizer_step(self) -> None:
         self.optimizer.step()
         for converter in self.converters:
             converter.after_optimizer_step(self.model_parts)
@@ -201,10 +201,13 @@ def probe_rank(
         with trainer.fake_mode:
             tracker.track_external(trainer.optimizer)
             with tracker, _sharding_propagation_untracked(tracker), _shape_inference_unhooked():
-                for step in range(2):
+                for recording, step in (
+                    (False, trainer.prime_optimizer),
+                    (True, trainer.fake_step),
+                ):
                     tracker.reset_mod_stats()
-                    tracker.recording = step == 1
-                    trainer.fake_step() if step == 1 else trainer.prime_optimizer()
+                    tracker.recording = recording
+                    step()
         return _peak(tracker)
 
 

@@ -55,8 +55,8 @@ def _even_expert_routing() -> Iterator[None]:
 
 
 @functools.cache
-def _fp32_grouped_mm_rule() -> None:
-    """Register the fp32 rule, once per process.
+def _fp32_grouped_mm_rule() -> torch.library.Library:
+    """Register the fp32 rule, once per process (the cache keeps the library that holds it).
 
     NOTE: it stays for the rest of the process: after the library that registered it is
     destroyed, fake tensors still answered with it (torch 2.13). That is harmless: the rule
@@ -75,8 +75,6 @@ def _fp32_grouped_mm_rule() -> None:
             return meta._create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype)
         return meta.meta_grouped_mm(mat_a, mat_b, offs=offs, bias=bias, out_dtype=out_dtype)
 
-    _LIBRARIES.append(torch.library.Library("aten", "IMPL"))  # kept alive: it holds the rule
-    _LIBRARIES[-1].impl("_grouped_mm", rule, "Meta")
-
-
-_LIBRARIES: list[torch.library.Library] = []
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("_grouped_mm", rule, "Meta")
+    return lib
